@@ -1,0 +1,262 @@
+"""Build the embedded default: a tiny Baichuan2-architecture chat model, trained offline from
+the project's own general data (`data/base/`), saved as a folder that every script treats
+exactly like Baichuan2-7B-Chat (config.json, model.safetensors, tokenizer.model,
+tokenizer_config.json, generation_config.json) plus `build_info.json`.
+
+    python -m baichuan.build_default                 # -> output/tiny-baichuan2-chat, ~2 min on 2 cores
+
+Why it is built like this (see ../shared/docs/findings.md):
+- QLoRA cannot teach a random 4-bit base, so the base is first trained full-parameter on
+  general chat data: everyday Q&A, persona replies of made-up personas, and attribute Q&A about
+  characters that are NOT in the fine-tuning set. The role data stays out of base training, so
+  fine-tuning visibly teaches the roles.
+- The sentencepiece tokenizer keeps names apart: character names are their own pieces and
+  the training text is pre-segmented into words (jieba), so no piece spans a name and a
+  question word. Its vocabulary also covers the role data's characters, so fine-tuning inputs
+  never fall back to bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import utils  # noqa: E402
+from utils import UserError  # noqa: E402
+
+BASE_DIR = "data/base"
+TEMPLATES_PATH = "data/attribute_templates.json"
+DELIM = "\u241e"  # pre-tokenization delimiter: never in the text, pieces never cross it
+# Baichuan2's chat markers are ids 195/196; reserve 3..196 so the tiny model uses the same ids.
+RESERVED = [f"<reserved_{i - 89}>" for i in range(3, 197)]
+# Baichuan2-7B-Chat's generation defaults (spec §5); only max_new_tokens is sized for the tiny model.
+GENERATION = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "user_token_id": 195,
+              "assistant_token_id": 196, "max_new_tokens": 128, "temperature": 0.3, "top_k": 5,
+              "top_p": 0.85, "repetition_penalty": 1.05, "do_sample": True}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=utils.DEFAULT_BASE_DIR, help="output model folder")
+    p.add_argument("--base_dir", default=BASE_DIR, help="general (non-role) data for base training")
+    p.add_argument("--templates", default=TEMPLATES_PATH, help="attribute question templates")
+    p.add_argument("--hidden_size", type=int, default=256, help="multiple of 128 (CPU 4-bit kernels need it)")
+    p.add_argument("--intermediate_size", type=int, default=768, help="multiple of 128")
+    p.add_argument("--num_hidden_layers", type=int, default=4, help="decoder layers")
+    p.add_argument("--num_attention_heads", type=int, default=4, help="attention heads")
+    p.add_argument("--merges", type=int, default=1500, help="BPE pieces beyond the single characters")
+    p.add_argument("--epochs", type=int, default=8, help="passes over the base data")
+    p.add_argument("--batch_size", type=int, default=16, help="samples per step")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warmup, cosine decay)")
+    p.add_argument("--max_len", type=int, default=320, help="max tokens per sample")
+    p.add_argument("--seed", type=int, default=1234, help="seed for tokenizer data order, init and batches")
+    p.add_argument("--force", action="store_true", help="rebuild even if --out already holds a model")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def base_records(base_dir: Path, templates_path: Path, seed: int) -> list[dict]:
+    """General corpus + attribute Q&A about the base's own characters (train + heldout phrasings)."""
+    from data_helper import expand_attributes
+
+    records = [r for _, r in utils.read_jsonl(base_dir / "general_corpus.jsonl")]
+    table = json.loads((base_dir / "attributes.json").read_text(encoding="utf-8"))
+    templates = json.loads(templates_path.read_text(encoding="utf-8"))
+    records += expand_attributes(table, templates, ["train", "heldout"], seed)
+    return records
+
+
+def vocabulary_texts(records: list[dict]) -> list[str]:
+    """Text the tokenizer learns its pieces from: base data plus every shipped role file (for
+    coverage only: no weights are trained on role text here)."""
+    texts = [r[k] for r in records for k in ("instruction", "input", "output") if r.get(k)]
+    data = REPO / utils.DATA_DIR
+    for f in sorted(data.glob("*.jsonl")):
+        for _, r in utils.read_jsonl(f):
+            texts += [r.get("question", "")] + list(r.get("generated", []))
+    for f in sorted(data.glob("*.json")):
+        if f.name not in ("train.json", "test.json"):
+            texts.append(f.read_text(encoding="utf-8"))
+    return [t for t in texts if t]
+
+
+def character_names() -> list[str]:
+    """Every character/role name the project ships, longest first: each becomes one piece."""
+    data = REPO / utils.DATA_DIR
+    names: set[str] = set()
+    profiles = REPO / utils.PROFILES_PATH
+    if profiles.is_file():
+        names |= set(utils.load_profiles(profiles))
+    for table in (data / "genshin_attributes.json", data / "base" / "attributes.json"):
+        if table.is_file():
+            names |= set(json.loads(table.read_text(encoding="utf-8"))["characters"])
+    return sorted(names, key=lambda n: (-len(n), n))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+def train_tokenizer(texts: list[str], names: list[str], out: Path, merges: int, seed: int) -> Any:
+    """Sentencepiece BPE like Baichuan2's (byte fallback, split digits, no dummy prefix, no
+    normalisation) on word-segmented text, saved as a BaichuanTokenizer folder in `out`."""
+    import jieba
+    import sentencepiece as spm
+
+    from baichuan.tokenization_baichuan import BaichuanTokenizer
+
+    jieba.setLogLevel(60)
+    for n in names:
+        jieba.add_word(n, freq=10**6)
+    lines = [DELIM.join(w for w in jieba.lcut(t.replace(DELIM, " ")) if w) for t in texts]
+    chars = {c for t in texts for c in t if c not in "\n\r"}
+    specials = RESERVED + [n for n in names if n not in RESERVED]
+    vocab = 3 + 256 + len(specials) + len(chars) + merges
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        corpus.write_text("\n".join(lines), encoding="utf-8")
+        spm.SentencePieceTrainer.train(
+            input=str(corpus), model_prefix=str(Path(tmp) / "sp"), model_type="bpe", vocab_size=vocab,
+            character_coverage=1.0, byte_fallback=True, split_digits=True, add_dummy_prefix=False,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+            max_sentencepiece_length=4, pretokenization_delimiter=DELIM, user_defined_symbols=specials,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, num_threads=2,
+            minloglevel=2)
+        tokenizer = BaichuanTokenizer(vocab_file=str(Path(tmp) / "sp.model"), add_bos_token=False,
+                                      pad_token="<unk>")
+        tokenizer.save_pretrained(out)
+    return type(tokenizer).from_pretrained(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+def make_model(args: argparse.Namespace, vocab_size: int) -> Any:
+    from baichuan import BaichuanConfig, BaichuanForCausalLM
+
+    for name in ("hidden_size", "intermediate_size"):
+        if getattr(args, name) % 128:
+            raise UserError(f"--{name} must be a multiple of 128 (bitsandbytes' CPU 4-bit kernels need it)")
+    config = BaichuanConfig(vocab_size=vocab_size, hidden_size=args.hidden_size,
+                            intermediate_size=args.intermediate_size, num_hidden_layers=args.num_hidden_layers,
+                            num_attention_heads=args.num_attention_heads, max_position_embeddings=1024,
+                            model_max_length=1024, tie_word_embeddings=False)
+    config.architectures = ["BaichuanForCausalLM"]
+    return BaichuanForCausalLM(config)
+
+
+def pretrain(model: Any, dataset: Any, args: argparse.Namespace) -> list[float]:
+    """Full-parameter training: AdamW, linear warmup then cosine decay, bf16 autocast where native."""
+    import torch
+
+    from train import bf16_supported
+
+    sampler = utils.LengthGroupedBatchSampler(dataset.lengths, args.batch_size, seed=args.seed)
+    collator = utils.DataCollator(pad_token_id=0)
+    steps_per_epoch = len(sampler.micro_batches(0))
+    total = steps_per_epoch * args.epochs
+    warmup = max(1, int(0.06 * total))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warmup if s < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+    use_bf16 = bf16_supported(torch.device("cpu"))
+    model.train()
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for epoch in range(args.epochs):
+        sampler.set_epoch(epoch)
+        epoch_loss = 0.0
+        for idx in sampler:
+            batch = collator([dataset[i] for i in idx])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            epoch_loss += loss.item()
+        losses.append(epoch_loss / steps_per_epoch)
+        print(f"  base epoch {epoch + 1}/{args.epochs}: loss {losses[-1]:.4f}  ({time.perf_counter() - t0:.0f}s)",
+              flush=True)
+    model.eval()
+    return losses
+
+
+def save_model(model: Any, tokenizer_dir: Path, out: Path) -> None:
+    from transformers import GenerationConfig
+
+    model.save_pretrained(out, safe_serialization=True)
+    GenerationConfig(**GENERATION).save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        if f.is_file() and not (out / f.name).exists():
+            (out / f.name).write_bytes(f.read_bytes())
+
+
+def fingerprint(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if (out / "config.json").is_file() and not args.force:
+        print(f"{out} already holds a model (use --force to rebuild)")
+        return 0
+    base_dir, templates = Path(args.base_dir), Path(args.templates)
+    for f in (base_dir / "general_corpus.jsonl", base_dir / "attributes.json", templates):
+        if not f.is_file():
+            raise UserError(f"{f}: missing; the embedded default is built from the shipped data in data/")
+
+    import torch
+
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    records = base_records(base_dir, templates, args.seed)
+    print(f"[1/3] base data: {len(records)} records from {base_dir} (+ attribute templates)", flush=True)
+    with utils.atomic_path(out) as tmp_out:
+        tmp_out.mkdir()
+        tok_dir = tmp_out / "_tokenizer"
+        tokenizer = train_tokenizer(vocabulary_texts(records), character_names(), tok_dir, args.merges, args.seed)
+        print(f"[2/3] tokenizer: {tokenizer.vocab_size} pieces ({time.perf_counter() - t0:.0f}s)", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            data_path = Path(tmp) / "base.jsonl"
+            utils.write_jsonl(data_path, records)
+            dataset = utils.Baichuan2PromptDataSet(data_path, tokenizer, args.max_len, args.max_len // 2 + 32)
+        model = make_model(args, tokenizer.vocab_size)
+        n_params = sum(p.numel() for p in model.parameters())
+        n_tokens = sum(dataset.lengths)
+        print(f"[3/3] base training: {n_params / 1e6:.2f}M params, {len(dataset)} samples, "
+              f"{n_tokens} tokens/epoch, {args.epochs} epochs", flush=True)
+        losses = pretrain(model, dataset, args)
+        save_model(model, tok_dir, tmp_out)
+        for f in tok_dir.iterdir():
+            f.unlink()
+        tok_dir.rmdir()
+        utils.write_json(tmp_out / "build_info.json", {
+            "built_by": "python -m baichuan.build_default", "args": vars(args), "params": n_params,
+            "vocab_size": tokenizer.vocab_size, "base_samples": len(dataset), "tokens_per_epoch": n_tokens,
+            "epoch_losses": [round(v, 4) for v in losses], "seconds": round(time.perf_counter() - t0, 1),
+            "data_fingerprint": fingerprint([base_dir / "general_corpus.jsonl", base_dir / "attributes.json",
+                                             templates]),
+            "torch": torch.__version__})
+    print(f"built {out} in {time.perf_counter() - t0:.0f}s (final base loss {losses[-1]:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(utils.run_main(main))

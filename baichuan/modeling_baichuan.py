@@ -1,0 +1,718 @@
+"""Baichuan2 causal LM for transformers 5: `BaichuanModel` and `BaichuanForCausalLM`.
+
+Written from `shared/docs/baichuan2-architecture.md`. The parts that decide numerical parity with the
+reference implementation:
+- the fused `W_pack` projection is split into three contiguous H-sized blocks (q | k | v);
+- RoPE uses half-split ("rotate_half") float32 tables, computed lazily on the device in use (never
+  registered buffers, so v5's meta-device construction cannot leave them unmaterialised);
+- the 13B layout (`position_embedding="alibi"`) adds ALiBi biases (slopes from the ALiBi paper) instead;
+- causal and padding masks are additive `finfo.min` masks, added together, fed to SDPA;
+- `NormHead` normalises the output rows: on the fly in train mode, once and in place in eval mode;
+- the loss is the shifted mean cross-entropy (ignore_index -100) plus `z_loss_weight * mean(max_logit**2)`.
+
+Example:
+    >>> import baichuan, torch
+    >>> from transformers import AutoModelForCausalLM
+    >>> model = AutoModelForCausalLM.from_pretrained("output/tiny-baichuan2-chat", dtype=torch.float32)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from threading import Thread
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
+
+from .configuration_baichuan import BaichuanConfig
+from .generation_utils import TextIterStreamer, build_chat_input
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.get_logger(__name__)
+
+ROPE_BASE = 10000.0  # fixed in the reference implementation; not a config field
+
+LegacyCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (numerically the LLaMA RMSNorm)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`weight * x / sqrt(mean(x**2) + eps)`, the statistics in fp32."""
+        variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        # The fp32 rsqrt promotes the product to fp32; it is cast back only for half-precision weights
+        # (so fp32 norm weights, e.g. after prepare_model_for_kbit_training, keep fp32 activations).
+        hidden_states = hidden_states * torch.rsqrt(variance + self.epsilon)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            hidden_states = hidden_states.to(self.weight.dtype)
+        return self.weight * hidden_states
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.epsilon}"
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE cos/sin tables ([T, head_dim], float32), built lazily per device.
+
+    The tables are plain tensors kept in a dict, not buffers: transformers 5 builds models on the meta
+    device and only materialises parameters and registered buffers, so tables made in `__init__` would
+    stay on meta. They are computed on the CPU (as the reference does at init) and then copied to the
+    device asked for, so every device sees the same numbers. They grow when a longer sequence appears.
+    """
+
+    def __init__(self, dim: int, max_position_embeddings: int = 4096, base: float = ROPE_BASE) -> None:
+        super().__init__()
+        self.dim = dim
+        self.max_position_embeddings = max_position_embeddings
+        self.base = base
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _build(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2).float() / self.dim))
+        t = torch.arange(length, dtype=inv_freq.dtype)
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)  # half-split layout: [f0..f(d/2-1), f0..f(d/2-1)]
+        return emb.cos(), emb.sin()
+
+    def tables(self, device: torch.device, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin tables on `device` covering at least `length` positions."""
+        cached = self._tables.get(device)
+        if cached is None or cached[0].shape[0] < length:
+            size = max(self.max_position_embeddings, length)
+            if cached is not None:  # grow geometrically so long generations do not rebuild every step
+                size = max(size, 2 * cached[0].shape[0])
+            cos, sin = self._build(size)
+            cached = (cos.to(device), sin.to(device))
+            self._tables[device] = cached
+        return cached
+
+    def forward(self, position_ids: torch.LongTensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin gathered at `position_ids` ([b, t] -> [b, 1, t, head_dim], float32).
+
+        Positions must lie in [0, kv_len) as in the reference (which slices the table to kv_len first).
+        """
+        cos, sin = self.tables(position_ids.device, kv_len)
+        return cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1] over the last dimension, split in halves (not interleaved pairs)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k ([b, nh, t, hd]); the rotation runs in fp32 and the result keeps q/k's dtype."""
+    q32, k32 = q.float(), k.float()
+    q_out = q32 * cos + rotate_half(q32) * sin
+    k_out = k32 * cos + rotate_half(k32) * sin
+    return q_out.to(q.dtype), k_out.to(k.dtype)
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """Per-head ALiBi slopes (Press et al., "Train Short, Test Long").
+
+    For n a power of 2 the slopes are the geometric sequence starting at 2^(-8/n) with that ratio.
+    Otherwise take the slopes of the closest lower power of two, then every other slope of the
+    sequence for twice that power until there are n.
+    """
+
+    def power_of_2(n: int) -> list[float]:
+        start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if num_heads <= 0:
+        raise ValueError("num_heads must be positive")
+    if math.log2(num_heads).is_integer():
+        slopes = power_of_2(num_heads)
+    else:
+        closest = 2 ** math.floor(math.log2(num_heads))
+        slopes = power_of_2(closest) + alibi_slopes(2 * closest).tolist()[0::2][: num_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def build_attention_bias(
+    attention_mask: torch.Tensor | None,
+    batch_size: int,
+    query_len: int,
+    past_len: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    slopes: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """The additive attention bias: causal mask + padding mask (+ ALiBi when `slopes` is given).
+
+    Shape [b, 1, t, past+t] (or [b, nh, t, past+t] with ALiBi); None when nothing is masked. As in
+    the reference, both masks hold `finfo(dtype).min` and are added, so a position masked twice
+    becomes -inf; every query row keeps at least one finite entry, so SDPA yields no NaN.
+    A 4-D `attention_mask` is taken as ready-made (bool: True = attend; float: additive).
+    """
+    src_len = past_len + query_len
+    min_value = torch.finfo(dtype).min
+    bias = None
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if attention_mask.dtype == torch.bool:
+            bias = torch.zeros(attention_mask.shape, dtype=dtype, device=device).masked_fill(~attention_mask, min_value)
+        else:
+            bias = attention_mask.to(dtype)
+    else:
+        if query_len > 1:
+            # Causal: query i (absolute position past_len + i) must not see key j > past_len + i.
+            bias = torch.full((query_len, src_len), min_value, dtype=dtype, device=device).triu(past_len + 1)
+            bias = bias[None, None].expand(batch_size, 1, query_len, src_len)
+        if attention_mask is not None:
+            if attention_mask.shape[-1] != src_len:
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[-1]} positions, expected past + current = {src_len}"
+                )
+            inverted = 1.0 - attention_mask[:, None, None, :].to(dtype)
+            padding = inverted.masked_fill(inverted.to(torch.bool), min_value)
+            padding = padding.expand(batch_size, 1, query_len, src_len)
+            bias = padding if bias is None else bias + padding
+    if slopes is not None:
+        # ALiBi: -slope * distance from the query to the key (in columns, so left padding does not
+        # change the distances between real tokens); future keys are masked by the causal part.
+        q_pos = torch.arange(past_len, src_len, device=device, dtype=torch.float32)
+        k_pos = torch.arange(src_len, device=device, dtype=torch.float32)
+        distance = (k_pos[None, :] - q_pos[:, None]).clamp(max=0)
+        alibi = (slopes.to(device)[:, None, None] * distance[None]).to(dtype)[None]  # [1, nh, t, src]
+        bias = alibi.expand(batch_size, -1, -1, -1) if bias is None else bias + alibi
+    return bias
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.act_fn = ACT2FN[hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP output, same shape as `x`."""
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with the fused q|k|v projection `W_pack` (no GQA, no biases)."""
+
+    def __init__(self, config: BaichuanConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = self.hidden_size // self.num_heads
+        self.W_pack = nn.Linear(self.hidden_size, 3 * self.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_bias: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        """Attention output [b, t, H]; appends this layer's (rotated) keys and values to the cache."""
+        bsz, q_len, _ = hidden_states.shape
+        proj = self.W_pack(hidden_states)
+        # Three contiguous H-sized blocks: rows 0..H-1 are q, H..2H-1 are k, 2H..3H-1 are v.
+        q, k, v = proj.split(self.hidden_size, dim=-1)
+        q = q.reshape(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        if position_embeddings is not None:
+            cos, sin = position_embeddings
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)  # the cache stores rotated keys
+
+        if attention_bias is not None and attention_bias.dtype != q.dtype:
+            # Mixed precision (e.g. fp32 norms feeding bf16 projections): re-express the mask in q's
+            # dtype without overflowing finite "min" entries to -inf.
+            attention_bias = attention_bias.float().clamp(min=torch.finfo(q.dtype).min).to(q.dtype)
+        if self.config._attn_implementation == "eager":
+            scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(self.head_dim)
+            if attention_bias is not None:
+                scores = scores + attention_bias
+            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            out = torch.matmul(weights, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias)
+        out = out.transpose(1, 2).reshape(bsz, q_len, self.hidden_size)
+        return self.o_proj(out)
+
+
+class DecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)).
+
+    Inherits transformers 5's `GradientCheckpointingLayer`, which checkpoints `forward` in training once
+    `gradient_checkpointing_enable()` ran (hidden_states must be passed positionally for that).
+    """
+
+    def __init__(self, config: BaichuanConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_bias: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool = False,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """The layer output, same shape as `hidden_states`."""
+        residual = hidden_states
+        hidden_states = self.self_attn(
+            self.input_layernorm(hidden_states),
+            attention_bias=attention_bias,
+            position_embeddings=position_embeddings,
+            past_key_values=past_key_values,
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+
+class NormHead(nn.Module):
+    """Output projection whose weight rows are L2-normalised before use.
+
+    Train mode: normalises on the fly every call (gradients flow through the normalisation; the stored
+    weight is untouched) and re-arms `first_flag`. Eval mode: the first call (after construction or any
+    train-mode call) overwrites the weight in place with its normalised rows; later eval calls use the
+    stored weight as is. Normalisation is idempotent, so saving after an eval call is harmless.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int, bias: bool = False) -> None:
+        super().__init__()
+        if bias:
+            raise ValueError("NormHead has no bias")
+        self.weight = nn.Parameter(torch.empty((vocab_size, hidden_size)))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.first_flag = True
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits `hidden_states @ normalize(weight).T`, in the weight's dtype."""
+        if self.training:
+            norm_weight = F.normalize(self.weight)
+            self.first_flag = True
+        else:
+            if self.first_flag:
+                with torch.no_grad():
+                    # In place (same storage), so optimisers, hooks and tied references keep working.
+                    self.weight.copy_(F.normalize(self.weight))
+                self.first_flag = False
+            norm_weight = self.weight
+        return F.linear(hidden_states, norm_weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+class BaichuanPreTrainedModel(PreTrainedModel):
+    """Shared loading/saving/initialisation settings of the Baichuan models."""
+
+    config_class = BaichuanConfig
+    config: BaichuanConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _keys_to_ignore_on_load_unexpected = [r"decoder\.version", r"rotary_emb\.(inv_freq|cos_cached|sin_cached)"]
+    # Attention runs through torch SDPA (or the eager equivalent); no flash/flex kernels.
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _can_compile_fullgraph = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """N(0, initializer_range) for Linear/Embedding (padding row zeroed), ones for RMSNorm,
+        kaiming-uniform (a=sqrt(5)) for NormHead, as its own constructor does.
+
+        Uses `transformers.initialization`, which skips tensors already loaded from a checkpoint.
+        """
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            loaded = getattr(module.weight, "_is_hf_initialized", False)
+            init.normal_(module.weight, mean=0.0, std=std)
+            # A slice loses the "already loaded" flag, so check the flag on the whole weight first.
+            if module.padding_idx is not None and not loaded:
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, NormHead):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
+        """`PreTrainedModel.from_pretrained`, but `.bin` checkpoints are always read with
+        `torch.load(weights_only=True)`: a pickled checkpoint can never run code on load.
+
+        Accepts everything the base loader does (`dtype`/`torch_dtype`, `device_map`,
+        `quantization_config=BitsAndBytesConfig(...)`, ...); single `pytorch_model.bin`, sharded
+        `pytorch_model-*.bin` + index, and safetensors folders all load.
+        """
+        if kwargs.get("weights_only", True) is not True:
+            raise ValueError("BaichuanForCausalLM refuses weights_only=False: checkpoints are never unpickled")
+        kwargs["weights_only"] = True
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+
+class BaichuanModel(BaichuanPreTrainedModel):
+    """The decoder stack: embeddings -> N x DecoderLayer -> final RMSNorm."""
+
+    def __init__(self, config: BaichuanConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = None
+        self._alibi_slopes: torch.Tensor | None = None
+        if config.position_embedding == "rope":
+            self.rotary_emb = RotaryEmbedding(config.hidden_size // config.num_attention_heads,
+                                              config.max_position_embeddings)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding table."""
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replace the token embedding table."""
+        self.embed_tokens = value
+
+    def alibi_slopes(self) -> torch.Tensor:
+        """ALiBi slopes of this model's heads (cached; plain tensor for the same reason as RoPE)."""
+        if self._alibi_slopes is None:
+            self._alibi_slopes = alibi_slopes(self.config.num_attention_heads)
+        return self._alibi_slopes
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | LegacyCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast | tuple:
+        """Run the decoder stack.
+
+        `past_key_values` may be a `Cache` (transformers 5) or legacy per-layer (k, v) tuples; legacy in
+        gives legacy out. Without `position_ids`, positions are `arange(past, past + t)` (as in the
+        reference, even with left padding; `generate` derives them from the mask instead). A
+        `position_ids` longer than the fed tokens is sliced to its last t entries.
+        `output_attentions` is accepted but attentions are never returned (SDPA does not expose them).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if self.gradient_checkpointing and self.training:
+            # Recomputing a layer in backward would append its keys/values to the cache a second time.
+            if use_cache:
+                logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
+            use_cache = False
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch_size, seq_len = inputs_embeds.shape[:2]
+
+        legacy_cache = past_key_values is not None and not isinstance(past_key_values, Cache)
+        if legacy_cache:
+            past_key_values = DynamicCache(ddp_cache_data=past_key_values) if len(past_key_values) else DynamicCache()
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        kv_len = past_len + seq_len
+        device = inputs_embeds.device
+
+        position_embeddings = None
+        slopes = None
+        if self.rotary_emb is not None:
+            if position_ids is None:
+                position_ids = torch.arange(past_len, kv_len, dtype=torch.long, device=device)
+                position_ids = position_ids.unsqueeze(0).expand(batch_size, seq_len)
+            else:
+                position_ids = position_ids.to(device).reshape(-1, position_ids.shape[-1])[:, -seq_len:]
+                position_ids = position_ids.expand(batch_size, seq_len)
+            position_embeddings = self.rotary_emb(position_ids, kv_len)
+        else:
+            slopes = self.alibi_slopes()
+
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device)
+        attention_bias = build_attention_bias(
+            attention_mask, batch_size, seq_len, past_len, inputs_embeds.dtype, device, slopes
+        )
+
+        hidden_states = inputs_embeds
+        all_hidden_states: tuple[torch.Tensor, ...] | None = () if output_hidden_states else None
+        for layer in self.layers:
+            if all_hidden_states is not None:
+                all_hidden_states += (hidden_states,)
+            hidden_states = layer(
+                hidden_states,
+                attention_bias=attention_bias,
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+            )
+        hidden_states = self.norm(hidden_states)
+        if all_hidden_states is not None:
+            all_hidden_states += (hidden_states,)
+
+        next_cache = past_key_values if use_cache else None
+        if legacy_cache and next_cache is not None:
+            next_cache = tuple((layer.keys, layer.values) for layer in next_cache.layers)
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=next_cache,
+            hidden_states=all_hidden_states,
+            attentions=None,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
+    """Baichuan2 language model: `BaichuanModel` + `NormHead`, with generation and chat helpers."""
+
+    # The loss is a plain mean over tokens and ignores `num_items_in_batch`; tell the Trainer so it
+    # keeps scaling the loss for gradient accumulation itself.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: BaichuanConfig) -> None:
+        super().__init__(config)
+        self.model = BaichuanModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = NormHead(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding table."""
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replace the token embedding table."""
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> NormHead:
+        """The output head (a NormHead, not an nn.Linear)."""
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        """Replace the output head."""
+        self.lm_head = new_embeddings
+
+    def get_decoder(self) -> BaichuanModel:
+        """The decoder stack."""
+        return self.model
+
+    def set_decoder(self, decoder: BaichuanModel) -> None:
+        """Replace the decoder stack."""
+        self.model = decoder
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | LegacyCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Logits (in the model dtype) and, with `labels`, the loss.
+
+        loss = mean cross-entropy of shifted logits/labels (ignore_index -100)
+               + z_loss_weight * mean over all shifted positions of max_logit**2.
+        `logits_to_keep` (used by `generate`) keeps only the last n positions' logits (0 = all).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        if labels is None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:, :]
+        elif labels is None and isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep, :]
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            shift_logits = logits[..., :-1, :].contiguous().view(-1, logits.shape[-1])
+            shift_labels = labels[..., 1:].contiguous().view(-1).to(shift_logits.device)
+            loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+            z_loss_weight = getattr(self.config, "z_loss_weight", 0.0) or 0.0
+            if z_loss_weight:
+                loss = loss + z_loss_weight * (shift_logits.max(-1).values ** 2).mean()
+
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=None,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """GenerationMixin's inputs, with the reference's position ids.
+
+        Positions are `attention_mask.cumsum(-1) - 1` with pad positions set to 1, sliced to the tokens
+        actually fed (only the newest one once the cache holds the prompt). transformers 5 passes its
+        own full-length `position_ids` (pads set to 0) in kwargs; they are replaced here, which keeps
+        left-padded batched generation equal to per-row generation.
+        """
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        if attention_mask is not None and attention_mask.dim() == 2:
+            fed = model_inputs.get("input_ids")
+            if fed is None:
+                fed = model_inputs["inputs_embeds"]
+            position_ids = attention_mask.long().cumsum(-1) - 1
+            position_ids = position_ids.masked_fill(attention_mask == 0, 1)
+            model_inputs["position_ids"] = position_ids[:, -fed.shape[1]:].to(fed.device)
+        return model_inputs
+
+    @staticmethod
+    def _reorder_cache(past_key_values: LegacyCache, beam_idx: torch.LongTensor) -> LegacyCache:
+        """Reorder legacy (k, v) tuples along the batch for beam search (Cache objects reorder themselves)."""
+        return tuple(
+            tuple(state.index_select(0, beam_idx.to(state.device)) for state in layer) for layer in past_key_values
+        )
+
+    # --- chat helpers -----------------------------------------------------------------------
+    def chat(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        messages: list[dict[str, str]],
+        stream: bool = False,
+        generation_config: GenerationConfig | None = None,
+    ) -> str | Iterator[str]:
+        """Reply to a chat (`[{"role": "system"|"user"|"assistant", "content": ...}, ...]`).
+
+        Builds the Baichuan2 prompt with `build_chat_input` (budgeted with the config's
+        `model_max_length` minus `max_new_tokens`) and generates with `generation_config` (default:
+        the model's). Returns the decoded reply (special tokens skipped), or with `stream=True` a
+        generator of the growing reply text while `generate` runs in a background thread.
+        """
+        generation_config = generation_config or self.generation_config
+        input_ids = build_chat_input(self, tokenizer, messages, generation_config.max_new_tokens)
+        if not stream:
+            output = self.generate(input_ids, generation_config=generation_config)
+            return tokenizer.decode(output[0][input_ids.shape[1]:], skip_special_tokens=True)
+
+        streamer = TextIterStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+        def run() -> None:
+            try:
+                self.generate(input_ids, generation_config=generation_config, streamer=streamer)
+            except BaseException as exc:  # surface generation errors in the consuming thread
+                streamer.fail(exc)
+
+        def iterate() -> Iterator[str]:
+            thread = Thread(target=run, daemon=True)
+            thread.start()
+            yield from streamer
+            thread.join()  # reached once the streamer saw the end of generation
+
+        return iterate()
+
+    def quantize(self, bits: int) -> BaichuanForCausalLM:
+        """Weight-only quantisation of every Linear layer but the head, in place (see `quantizer.py`)."""
+        from .quantizer import quantize_model
+
+        return quantize_model(self, bits)
+
+
+__all__ = [
+    "BaichuanForCausalLM",
+    "BaichuanModel",
+    "BaichuanPreTrainedModel",
+    "NormHead",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "alibi_slopes",
+    "apply_rotary_pos_emb",
+    "build_attention_bias",
+    "rotate_half",
+]

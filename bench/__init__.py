@@ -1,0 +1,1 @@
+"""RolePlayProj benchmark: `python bench/run.py --help` (writes bench/results.md)."""

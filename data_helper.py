@@ -1,0 +1,706 @@
+"""Build the fine-tuning data: `data/train.json` and `data/test.json` (JSON lines).
+
+Inputs (all under `data/` by default):
+- RoleBench-zh, flat (`rolebench-zh_general_train.jsonl`, ...) or as published
+  (`rolebench-zh/general/train.jsonl`, ...): one record per (question, reference) in train, one
+  record per question with all `references` in test; the instruction is the role's system prompt
+  from `utils.build_system_prompt` (the one training and inference use).
+- The attribute table (`genshin_attributes.json`) and its question/answer templates
+  (`attribute_templates.json`): persona-free fact questions about each character; train gets the
+  "train" phrasings, test the "heldout" and "novel" ones, so test phrasings are never trained on.
+
+Each output line is {"instruction", "input", "output", "role", "source", "split", ...}. The same
+inputs and seed give byte-identical files. A summary (counts per role, output lengths, dropped
+records, train/test question overlap) goes to stdout; bad input stops with exit code 2 and one line
+`error: <file>:<line>: <what>; <what to do>` unless --skip_bad.
+
+Example (from the repo root):
+    python data_helper.py --data_dir data --roles 孙悟空,李白 --max_replies 2 --strip_address
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import sys
+import time
+import unicodedata
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import utils
+from utils import DataError
+
+SPLITS = ("train", "test")
+KINDS = ("general", "role_specific")
+SOURCES = {"general": "rolebench_general", "role_specific": "rolebench_role_specific"}
+TEMPLATES_PATH = "data/attribute_templates.json"
+TRAIN_TEMPLATE_SETS = ("train",)
+TEST_TEMPLATE_SETS = ("heldout", "novel")
+ADDRESS_SEP = "，"
+MAX_LISTED = 20  # examples listed per summary section; the counts are always complete
+_PLACEHOLDER = re.compile(r"\{(name|value)\}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bookkeeping shared by the loaders and the summary
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Report:
+    """What the build noticed: dropped records by reason, skipped bad records, notes and warnings."""
+
+    dropped: Counter = field(default_factory=Counter)
+    bad: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # likely mistakes that still give a valid build
+    skip_bad: bool = False
+
+    def bad_record(self, error: DataError) -> None:
+        """Fail on a bad record, or (with --skip_bad) count it and go on."""
+        if not self.skip_bad:
+            raise error
+        self.bad.append(str(error))
+
+
+@dataclass
+class Question:
+    """One RoleBench question of one role, with its references in input order (no duplicates)."""
+
+    role: str
+    question: str
+    source: str
+    qtype: str | None
+    references: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# RoleBench: finding the files
+# ---------------------------------------------------------------------------------------------
+def _layouts(data_dir: Path) -> dict[str, dict[tuple[str, str], Path]]:
+    """Candidate paths for each (kind, split), per layout, in order of preference."""
+    return {
+        "flat": {(k, s): data_dir / f"rolebench-zh_{k}_{s}.jsonl" for k in KINDS for s in SPLITS},
+        "published": {(k, s): data_dir / "rolebench-zh" / k / f"{s}.jsonl" for k in KINDS for s in SPLITS},
+        # --data_dir pointing at the published `rolebench-zh/` folder itself
+        "published (rolebench-zh folder)": {(k, s): data_dir / k / f"{s}.jsonl" for k in KINDS for s in SPLITS},
+    }
+
+
+def find_rolebench_files(data_dir: str | Path, report: Report) -> dict[tuple[str, str], Path]:
+    """(kind, split) -> file of the first layout that has any file; missing ones go to the report."""
+    for name, paths in _layouts(Path(data_dir)).items():
+        present = {key: p for key, p in paths.items() if p.is_file()}
+        if not present:
+            continue
+        missing = [str(p) for key, p in paths.items() if key not in present]
+        report.notes.append(f"RoleBench layout: {name} in {data_dir} ({len(present)} of 4 files)")
+        if missing:
+            report.warnings.append("missing RoleBench files (their records are left out): " + ", ".join(missing))
+        return present
+    return {}
+
+
+def _no_data_error(data_dir: str | Path) -> DataError:
+    paths = _layouts(Path(data_dir))
+    flat, published = paths["flat"][("general", "train")], paths["published"][("general", "train")]
+    return DataError(f"{data_dir}: no RoleBench files (looked for {flat.name} and friends, or {published}) and "
+                     "attributes are disabled; put RoleBench-zh there, pass --data_dir, or pass --attributes")
+
+
+# ---------------------------------------------------------------------------------------------
+# RoleBench: reading and checking records
+# ---------------------------------------------------------------------------------------------
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict | DataError | None]]:
+    """(line, record) per line, (line, DataError) for a bad line (reading goes on), None if blank.
+
+    Same checks and messages as utils.read_jsonl, which stops at the first bad line; --skip_bad
+    needs to skip it and continue. Lines split on b"\\n" only (binary read), so U+2028 and friends
+    inside a JSON string stay in their record.
+    """
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            yield lineno, _parse_line(path, lineno, raw)
+
+
+def _parse_line(path: Path, lineno: int, raw: bytes) -> dict | DataError | None:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return DataError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start}); re-save the file as UTF-8")
+    if lineno == 1:
+        line = line.removeprefix("\ufeff")  # editors on Windows add a BOM; json.loads refuses it
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        return DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); fix or remove the line")
+    except (ValueError, RecursionError) as e:  # a 5000-digit number or 10^5 nested brackets: valid JSON, still bad
+        return DataError(f"{path}:{lineno}: unreadable JSON ({type(e).__name__}); fix or remove the line")
+    if not isinstance(record, dict):
+        return DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}; "
+                         "each line must be one RoleBench record")
+    return record
+
+
+def _check_text(value: Any, name: str, where: str) -> str:
+    """A non-blank string that can be written as UTF-8 (JSON allows lone surrogate escapes)."""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}; fix the record")
+    if not value.strip():
+        raise DataError(f"{where}: field {name!r} is empty; fix or remove the record")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{where}: field {name!r} holds an unpaired surrogate ({value[e.start]!r}); "
+                            "fix the \\u escape in the record") from e
+    return value
+
+
+def _field(record: dict, name: str, where: str) -> Any:
+    if name not in record:
+        raise DataError(f"{where}: missing field {name!r}; each record needs role, question and generated")
+    return record[name]
+
+
+def check_rolebench_record(record: dict, where: str) -> tuple[str, str, list[str], str | None]:
+    """(role, question, references, type) of one RoleBench record; DataError on anything wrong.
+
+    Blank references are left out (counted by the caller); a record with none left is bad.
+    """
+    role = _check_text(_field(record, "role", where), "role", where)
+    question = _check_text(_field(record, "question", where), "question", where)
+    generated = _field(record, "generated", where)
+    if not isinstance(generated, list):
+        raise DataError(f"{where}: field 'generated' must be a list of strings, got {type(generated).__name__}; "
+                        "fix the record")
+    if not generated:
+        raise DataError(f"{where}: field 'generated' is empty; give at least one reference or remove the record")
+    refs = []
+    for i, ref in enumerate(generated):
+        if not isinstance(ref, str):
+            raise DataError(f"{where}: generated[{i}] must be a string, got {type(ref).__name__}; fix the record")
+        if ref.strip():
+            refs.append(_check_text(ref, f"generated[{i}]", where))
+    if not refs:
+        raise DataError(f"{where}: field 'generated' has only blank references; fix or remove the record")
+    qtype = record.get("type")
+    if qtype is not None and not isinstance(qtype, str):
+        raise DataError(f"{where}: field 'type' must be a string, got {type(qtype).__name__}; fix the record")
+    return role, question, refs, qtype
+
+
+def strip_address(question: str) -> str:
+    """Drop the leading address ("皇上，...") — the text up to and including the first "，"."""
+    _, sep, rest = question.partition(ADDRESS_SEP)
+    return rest.strip() if sep else question
+
+
+@dataclass(frozen=True)
+class RoleFilter:
+    """Which RoleBench roles to keep: the requested ones, or (default) every role with a profile."""
+
+    profiles: dict[str, str]
+    profiles_path: str
+    requested: frozenset[str] | None
+
+    def keep(self, role: str, where: str) -> bool:
+        if self.requested is not None:
+            return role in self.requested
+        if role not in self.profiles:
+            raise DataError(f"{where}: role {role!r} has no profile in {self.profiles_path}; add its description "
+                            "there, or choose roles with --roles")
+        return True
+
+
+def load_rolebench_file(
+    path: Path, kind: str, roles: RoleFilter, strip: bool, report: Report
+) -> dict[tuple[str, str], Question]:
+    """Questions of one file keyed by (role, question); repeated questions merge their references."""
+    questions: dict[tuple[str, str], Question] = {}
+    for lineno, item in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        try:
+            if isinstance(item, DataError):
+                raise item
+            if item is None:
+                continue
+            role, question, refs, qtype = check_rolebench_record(item, where)
+            report.dropped["blank reference"] += len(item["generated"]) - len(refs)
+            if not roles.keep(role, where):
+                report.dropped["role not in --roles"] += 1
+                continue
+        except DataError as e:
+            report.bad_record(e)
+            continue
+        if strip and kind == "role_specific":
+            question = strip_address(question)
+            if not question:
+                report.dropped["question empty after --strip_address"] += 1
+                continue
+        _merge(questions, Question(role, question, SOURCES[kind], qtype), refs, report)
+    return questions
+
+
+def _merge(questions: dict[tuple[str, str], Question], new: Question, refs: list[str], report: Report) -> None:
+    q = questions.setdefault((new.role, new.question), new)
+    for ref in refs:
+        if ref in q.references:
+            report.dropped["duplicate reference"] += 1
+        else:
+            q.references.append(ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# RoleBench: output records
+# ---------------------------------------------------------------------------------------------
+def rolebench_records(questions: Sequence[Question], split: str, prompts: dict[str, str], max_replies: int,
+                      report: Report) -> list[dict]:
+    """Train: one record per (question, reference), up to max_replies; test: one per question."""
+    records = []
+    for q in questions:
+        base = {"instruction": prompts[q.role], "input": q.question}
+        extra = {"role": q.role, "source": q.source, "split": split}
+        if q.qtype is not None:
+            extra["type"] = q.qtype
+        if split == "test":
+            records.append({**base, "output": q.references[0], **extra, "references": list(q.references)})
+            continue
+        kept = q.references[:max_replies]
+        report.dropped["reference over --max_replies"] += len(q.references) - len(kept)
+        records.extend({**base, "output": ref, **extra} for ref in kept)
+    return records
+
+
+def load_rolebench(files: dict[tuple[str, str], Path], roles: RoleFilter, strip: bool, max_replies: int,
+                   report: Report) -> dict[str, list[dict]]:
+    """split -> records from every RoleBench file found (general first, then role-specific)."""
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    prompts: dict[str, str] = {}
+    for (kind, split), path in sorted(files.items(), key=lambda kv: (KINDS.index(kv[0][0]), kv[0][1])):
+        questions = list(load_rolebench_file(path, kind, roles, strip, report).values())
+        for q in questions:
+            if q.role not in prompts:
+                prompts[q.role] = utils.build_system_prompt(q.role, roles.profiles[q.role])
+        out[split].extend(rolebench_records(questions, split, prompts, max_replies, report))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Attributes
+# ---------------------------------------------------------------------------------------------
+def _read_json(path: Path, what: str, hint: str) -> Any:
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found; {hint}")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8") from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}); fix the file") from e
+    except (ValueError, RecursionError) as e:  # huge integers, absurd nesting
+        raise DataError(f"{path}: unreadable JSON ({type(e).__name__}); fix the file") from e
+
+
+def _check_table(table: Any, where: str) -> tuple[list[str], dict[str, dict]]:
+    if not isinstance(table, dict) or not isinstance(table.get("attributes"), list) \
+            or not isinstance(table.get("characters"), dict):
+        raise DataError(f"{where}: expected {{\"attributes\": [names], \"characters\": {{name: {{attribute: value}}}}}}"
+                        "; fix the attribute table")
+    attributes = table["attributes"]
+    if not all(isinstance(a, str) and a for a in attributes):
+        raise DataError(f"{where}: \"attributes\" must be a list of non-empty strings; fix the attribute table")
+    for name, facts in table["characters"].items():
+        if not name.strip():
+            raise DataError(f"{where}: a character has an empty name; fix the attribute table")
+        if not isinstance(facts, dict):
+            raise DataError(f"{where}: character {name!r} must map to an object of attribute -> value; "
+                            "fix the attribute table")
+    return attributes, table["characters"]
+
+
+def _check_templates(templates: Any, attributes: Sequence[str], sets: Sequence[str], where: str) -> None:
+    if not isinstance(templates, dict):
+        raise DataError(f"{where}: expected an object mapping attribute -> {{set: [templates]}}; fix the templates")
+    for attr in attributes:
+        entry = templates.get(attr)
+        if not isinstance(entry, dict):
+            raise DataError(f"{where}: no templates for attribute {attr!r}; add an entry with "
+                            "train/heldout/novel questions and answers")
+        for key in (*sets, "answer"):
+            _check_template_list(entry.get(key, []), attr, key, where)
+        if not entry.get("answer"):
+            raise DataError(f"{where}: attribute {attr!r} has no answer templates; add some under \"answer\"")
+
+
+def _check_template_list(items: Any, attr: str, key: str, where: str) -> None:
+    needed = "{value}" if key == "answer" else "{name}"
+    if not isinstance(items, list):
+        raise DataError(f"{where}: {attr}.{key} must be a list of strings; fix the templates")
+    for t in items:
+        if not isinstance(t, str) or needed not in t:
+            raise DataError(f"{where}: {attr}.{key} template {t!r} must be a string containing {needed}; "
+                            "fix the templates")
+        if key != "answer" and "{value}" in t:
+            raise DataError(f"{where}: {attr}.{key} question {t!r} contains {{value}}, which gives the answer away; "
+                            "remove it from the question")
+
+
+def _fill(template: str, name: str, value: str = "") -> str:
+    # one pass, so a name or value containing "{value}" is not substituted again
+    return _PLACEHOLDER.sub(lambda m: name if m.group(1) == "name" else value, template)
+
+
+def expand_attributes(
+    table: dict,
+    templates: dict,
+    template_sets: Sequence[str],
+    seed: int,
+    *,
+    table_path: str = "attribute table",
+    templates_path: str = "attribute templates",
+) -> list[dict]:
+    """Single-turn fact records: every character x attribute x question template of `template_sets`.
+
+    `table` is {"attributes": [...], "characters": {name: {attribute: value}}}; `templates` maps
+    attribute -> {"train"|"heldout"|"novel": [questions with {name}], "answer": [answers with
+    {name} and {value}]}. A character without a value (missing or null) for an attribute gets no
+    records for it. The answer template is drawn from an RNG seeded by (seed, character, attribute,
+    question), so a record's answer does not change when other characters or sets are added.
+    Records are in table order; the caller shuffles. Raises DataError on a malformed table/templates.
+    """
+    attributes, characters = _check_table(table, table_path)
+    _check_templates(templates, attributes, template_sets, templates_path)
+    records = []
+    for name, facts in characters.items():
+        for attr in attributes:
+            value = facts.get(attr)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{table_path}: {name}.{attr} must be a non-empty string or null, got {value!r}; "
+                                "fix the attribute table")
+            records.extend(_fact_records(name, attr, value, templates[attr], template_sets, seed))
+    return records
+
+
+def _fact_records(name: str, attr: str, value: str, entry: dict, sets: Sequence[str], seed: int) -> list[dict]:
+    records = []
+    for template_set in sets:
+        for question in entry.get(template_set, []):
+            rng = random.Random(f"{seed}\x00{name}\x00{attr}\x00{question}")  # str seeds hash stably (sha512)
+            records.append({
+                "instruction": "",  # no persona: a neutral question about the character
+                "input": _fill(question, name),
+                "output": _fill(rng.choice(entry["answer"]), name, value),
+                "role": name, "source": "attribute", "attribute": attr, "fact": value,
+                "template_set": template_set,
+            })
+    return records
+
+
+def load_attributes(table_path: Path, templates_path: Path, seed: int, report: Report) -> dict[str, list[dict]]:
+    """split -> attribute records: train phrasings in train, heldout and novel phrasings in test."""
+    hint = "pass --attributes '' to build without attributes"
+    table = _read_json(table_path, "attribute table", f"pass --attributes PATH, or {hint}")
+    templates = _read_json(templates_path, "attribute templates file", f"pass --templates PATH, or {hint}")
+    out, counts = {}, []
+    _check_phrasings_disjoint(templates, templates_path)
+    for split, sets in (("train", TRAIN_TEMPLATE_SETS), ("test", TEST_TEMPLATE_SETS)):
+        records = expand_attributes(table, templates, sets, seed,
+                                    table_path=str(table_path), templates_path=str(templates_path))
+        out[split] = [{**r, "split": split} for r in records]
+        found = Counter(r["template_set"] for r in records)
+        counts.append(f"{split} " + ", ".join(f"{found[s]} {s}" for s in sets))
+    # a set with 0 records usually means a missing key in the templates file
+    report.notes.append(f"attributes: {table_path} + {templates_path}: {'; '.join(counts)} records")
+    return out
+
+
+def _check_phrasings_disjoint(templates: Any, where: Path) -> None:
+    """A question template in both a train and a test set would make the held-out score meaningless."""
+    if not isinstance(templates, dict):
+        return  # expand_attributes reports the shape
+    for attr, entry in templates.items():
+        if not isinstance(entry, dict):
+            continue
+        train = {t for s in TRAIN_TEMPLATE_SETS for t in _as_list(entry.get(s))}
+        for test_set in TEST_TEMPLATE_SETS:
+            shared = sorted(train.intersection(_as_list(entry.get(test_set))), key=str)
+            if shared:
+                raise DataError(f"{where}: {attr}.{test_set} repeats train question {shared[0]!r}; test phrasings "
+                                "must not be trained on: reword or remove one of them")
+
+
+def _as_list(value: Any) -> list:
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+# ---------------------------------------------------------------------------------------------
+# The build
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Options:
+    data_dir: str = utils.DATA_DIR
+    profiles: str | None = None  # None: utils.PROFILES_PATH, else the data_dir's own profiles file
+    attributes: str = utils.ATTRIBUTES_PATH  # "" disables attributes
+    templates: str = TEMPLATES_PATH
+    roles: list[str] | None = None
+    max_replies: int = 2
+    strip_address: bool = False
+    seed: int = 42
+    output_dir: str = str(Path(utils.TRAIN_PATH).parent)
+    skip_bad: bool = False
+
+
+def _profiles_path(opts: Options) -> Path:
+    """--profiles, else utils.PROFILES_PATH, else the profiles file shipped beside the RoleBench data."""
+    if opts.profiles:
+        return Path(opts.profiles)
+    default = Path(utils.PROFILES_PATH)
+    if default.is_file():
+        return default
+    data_dir = Path(opts.data_dir)
+    for candidate in (data_dir / "profiles-zh_desc.json", data_dir / "profiles-zh" / "desc.json",
+                      data_dir.parent / "profiles-zh" / "desc.json"):
+        if candidate.is_file():
+            return candidate
+    return default
+
+
+def _role_filter(opts: Options, report: Report) -> RoleFilter:
+    path = _profiles_path(opts)
+    profiles = utils.load_profiles(path)
+    requested = None
+    if opts.roles is not None:
+        unknown = [r for r in opts.roles if r not in profiles]
+        if unknown:
+            raise DataError(f"{path}: no profile for role(s) {', '.join(unknown)} named in --roles; add a description "
+                            "there or drop them from --roles")
+        requested = frozenset(opts.roles)
+    report.notes.append(f"profiles: {path} ({len(profiles)} roles)")
+    return RoleFilter(profiles, str(path), requested)
+
+
+def build(opts: Options) -> tuple[list[dict], list[dict], Report]:
+    """(train, test, report) from the inputs; nothing is written. Raises DataError on bad input."""
+    report = Report(skip_bad=opts.skip_bad)
+    files = find_rolebench_files(opts.data_dir, report)
+    if not files and not opts.attributes:
+        raise _no_data_error(opts.data_dir)
+    if not files:
+        # allowed (an attribute-only build), but a mistyped --data_dir must not go unnoticed
+        report.warnings.append(f"no RoleBench files in {opts.data_dir}: building from the attribute table only")
+    parts = []
+    if files or opts.roles is not None:
+        roles = _role_filter(opts, report)
+        parts.append(load_rolebench(files, roles, opts.strip_address, opts.max_replies, report))
+        _note_roles_without_data(roles, parts[-1], report)
+    if opts.attributes:
+        parts.append(load_attributes(Path(opts.attributes), Path(opts.templates), opts.seed, report))
+    train = _dedupe([r for p in parts for r in p["train"]], report)
+    test = _dedupe([r for p in parts for r in p["test"]], report)
+    if not train:
+        raise DataError(f"{opts.data_dir}: no training records left after filtering; check --roles and the inputs")
+    random.Random(opts.seed).shuffle(train)  # records come grouped by file and role; training wants them mixed
+    return train, test, report
+
+
+def _note_roles_without_data(roles: RoleFilter, records: dict[str, list[dict]], report: Report) -> None:
+    seen = {r["role"] for split in records.values() for r in split}
+    wanted = roles.requested if roles.requested is not None else roles.profiles.keys()
+    missing = sorted(set(wanted) - seen)
+    if missing:
+        report.notes.append("roles with a profile but no RoleBench records: " + ", ".join(missing))
+
+
+def _dedupe(records: list[dict], report: Report) -> list[dict]:
+    """Drop exact repeats (same role, prompt, question and answer), e.g. a template listed twice."""
+    seen: set[tuple[str, str, str, str]] = set()
+    out = []
+    for r in records:
+        key = (r["role"], r["instruction"], r["input"], r["output"])
+        if key in seen:
+            report.dropped[f"duplicate {r['split']} record"] += 1
+            continue
+        seen.add(key)
+        out.append(r)
+    return out
+
+
+def write_outputs(output_dir: str | Path, train: list[dict], test: list[dict]) -> tuple[Path, Path]:
+    """Write both files, or neither: everything is encoded first, then each file goes in atomically."""
+    paths = (Path(output_dir) / Path(utils.TRAIN_PATH).name, Path(output_dir) / Path(utils.TEST_PATH).name)
+    payloads = [_encode(records, path) for records, path in zip((train, test), paths)]
+    # nested: an error writing test.json also discards train.json's temporary file
+    with utils.atomic_path(paths[0]) as tmp_train, utils.atomic_path(paths[1]) as tmp_test:
+        tmp_train.write_bytes(payloads[0])
+        tmp_test.write_bytes(payloads[1])
+    return paths
+
+
+def _encode(records: list[dict], path: Path) -> bytes:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)  # as utils.write_jsonl writes
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate from a profile or template (records are checked on read)
+        raise DataError(f"{path}: cannot encode output as UTF-8 ({e.reason}: {text[e.start]!r}); "
+                        "fix the \\u escape in the profiles or templates") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary
+# ---------------------------------------------------------------------------------------------
+def percentile(sorted_values: Sequence[int], q: float) -> int:
+    """Nearest-rank percentile of an ascending sequence (0 when empty)."""
+    if not sorted_values:
+        return 0
+    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
+
+
+def _length_line(records: Sequence[dict]) -> str:
+    lengths = sorted(len(r["output"]) for r in records)
+    return (f"n={len(lengths)} p50={percentile(lengths, 0.5)} p90={percentile(lengths, 0.9)} "
+            f"max={lengths[-1] if lengths else 0}")
+
+
+def find_overlap(train: Sequence[dict], test: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """Test records whose question is also a train question: (same role, only under other roles)."""
+    train_roles: dict[str, set[str]] = defaultdict(set)
+    for r in train:
+        train_roles[r["input"]].add(r["role"])
+    same, other = [], []
+    for r in test:
+        roles = train_roles.get(r["input"])
+        if roles:
+            (same if r["role"] in roles else other).append(r)
+    return same, other
+
+
+def summarize(train: Sequence[dict], test: Sequence[dict], report: Report, paths: Sequence[Path],
+              elapsed: float) -> str:
+    lines = [f"note: {n}" for n in report.notes] + [f"warning: {w}" for w in report.warnings]
+    lines += _count_lines(train, test)
+    lines.append("output length (characters):")
+    for split, records in (("train", train), ("test", test)):
+        for source in sorted({r["source"] for r in records}):
+            lines.append(f"  {split:5} {source:24} {_length_line([r for r in records if r['source'] == source])}")
+    lines += _dropped_lines(report)
+    lines += _overlap_lines(*find_overlap(train, test))
+    lines.append(f"wrote {paths[0]} ({len(train)} records) and {paths[1]} ({len(test)} records) "
+                 f"in {elapsed:.2f} s")
+    return "\n".join(lines)
+
+
+def _count_lines(train: Sequence[dict], test: Sequence[dict]) -> list[str]:
+    counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    for r in (*train, *test):
+        counts[(r["source"], r["role"])][r["split"]] += 1
+    lines = ["records per role:", f"  {'source':24} {'role':12} {'train':>7} {'test':>7}"]
+    for (source, role), c in sorted(counts.items()):
+        lines.append(f"  {source:24} {_pad(role, 12)} {c['train']:7} {c['test']:7}")
+    lines.append(f"  {'total':24} {'':12} {len(train):7} {len(test):7}")
+    return lines
+
+
+def _pad(text: str, width: int) -> str:
+    """Left-align in a terminal column: CJK characters take two cells."""
+    cells = sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+    return text + " " * max(0, width - cells)
+
+
+def _dropped_lines(report: Report) -> list[str]:
+    dropped = {k: v for k, v in sorted(report.dropped.items()) if v}
+    lines = ["dropped: " + (", ".join(f"{v} {k}" for k, v in dropped.items()) if dropped else "none")]
+    if report.bad:
+        lines.append(f"bad records skipped (--skip_bad): {len(report.bad)}")
+        lines += [f"  {msg}" for msg in report.bad[:MAX_LISTED]]
+        if len(report.bad) > MAX_LISTED:
+            lines.append(f"  ... and {len(report.bad) - MAX_LISTED} more")
+    return lines
+
+
+def _overlap_lines(same: list[dict], other: list[dict]) -> list[str]:
+    total = len(same) + len(other)
+    lines = [f"test questions also in train: {total} ({len(same)} same role, {len(other)} only under other roles)"]
+    for label, records in (("same role", same), ("other roles", other)):
+        for r in records[:MAX_LISTED]:
+            lines.append(f"  [{label}] {r['role']} ({r['source']}): {r['input'][:60]!r}")
+        if len(records) > MAX_LISTED:
+            lines.append(f"  [{label}] ... and {len(records) - MAX_LISTED} more")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+def _role_list(text: str) -> list[str]:
+    roles = [r.strip() for r in re.split(r"[,，]", text) if r.strip()]
+    if not roles:
+        raise argparse.ArgumentTypeError("expected comma-separated role names")
+    return sorted(set(roles), key=roles.index)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None) -> Options:
+    p = argparse.ArgumentParser(description="Build data/train.json and data/test.json (JSON lines) from "
+                                "RoleBench-zh and the character attribute table.")
+    p.add_argument("--data_dir", default=utils.DATA_DIR,
+                   help="folder with RoleBench-zh files, flat (rolebench-zh_general_train.jsonl ...) "
+                        "or published (rolebench-zh/general/train.jsonl ...); default %(default)s")
+    p.add_argument("--profiles", default=None,
+                   help=f"JSON object role -> description; default {utils.PROFILES_PATH}, "
+                        "else the profiles file beside the RoleBench data")
+    p.add_argument("--attributes", default=utils.ATTRIBUTES_PATH,
+                   help="attribute table JSON, '' to leave attributes out; default %(default)s")
+    p.add_argument("--templates", default=TEMPLATES_PATH,
+                   help="attribute question/answer templates JSON; default %(default)s")
+    p.add_argument("--roles", type=_role_list, default=None,
+                   help="comma-separated RoleBench roles to keep; default every role with a profile")
+    p.add_argument("--max_replies", type=_positive_int, default=2,
+                   help="references kept per question in train; default %(default)s")
+    p.add_argument("--strip_address", action="store_true",
+                   help="drop the leading address (text up to the first '，') from role-specific questions")
+    p.add_argument("--seed", type=int, default=42,
+                   help="seed of the train shuffle and the answer templates; default %(default)s")
+    p.add_argument("--output_dir", default=str(Path(utils.TRAIN_PATH).parent),
+                   help="where train.json and test.json go; default %(default)s")
+    p.add_argument("--skip_bad", action="store_true", help="count and report bad records instead of failing")
+    return Options(**vars(p.parse_args(argv)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        opts = parse_args(argv)
+    except SystemExit as e:  # --help or a usage error: argparse has printed why
+        return int(e.code or 0)
+    start = time.perf_counter()
+    try:
+        train, test, report = build(opts)
+        paths = write_outputs(opts.output_dir, train, test)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # unreadable input or unwritable output: same one-line contract
+        print(f"error: {e.filename or opts.output_dir}: {e.strerror or e}; check the path and its permissions",
+              file=sys.stderr)
+        return 2
+    print(summarize(train, test, report, paths, time.perf_counter() - start))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

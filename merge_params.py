@@ -1,0 +1,274 @@
+r"""Merge a LoRA/QLoRA checkpoint into its base model and save one complete model folder.
+
+The base is loaded *unquantized* (even for QLoRA checkpoints), the adapter is applied and folded
+into the weights in place (`merge_and_unload`), and the result is written as a normal model folder
+(safetensors weights, config, generation config, tokenizer, and a run_config.json recording the
+merge) that `AutoModelForCausalLM` (after `import baichuan` for Baichuan2), predict.py and the web
+demo load directly. The folder appears only when complete: it is written under a temporary name,
+reloaded, checked (on a few prompts the merged model's logits must match base + adapter within a
+tolerance, the max abs difference is printed), and only then renamed into place. A failed check
+exits with status 1 and leaves no output folder.
+
+Memory: one copy of the model plus one layer (the merge is done in place; the PEFT wrapper is
+dropped before the reload check).
+
+Note: a QLoRA adapter was trained against the NF4-quantized base; merged into the full-precision
+base it behaves slightly differently than during training (quantization error). The check
+compares with the same unquantized base + adapter.
+
+Examples:
+    python merge_params.py --model_dir output/qlora/epoch-1-step-100 --save_model_dir output/merged
+    python merge_params.py --ori_model_dir Baichuan2-7B-Chat --model_dir output/qlora/epoch-1-step-100 \
+        --save_model_dir output/merged --dtype bf16 --overwrite
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import utils
+from utils import UserError
+
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+# Max abs logit difference allowed, relative to the largest |logit| of the reference (at least 1).
+# bf16/fp16 merged weights are rounded once more than base + adapter computed separately.
+DEFAULT_RTOL = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 1e-2}
+CHECK_PROMPTS: list[list[dict[str, str]]] = [
+    [{"role": "system", "content": utils.build_system_prompt("孙悟空", "齐天大圣，性格急躁，敢作敢为")},
+     {"role": "user", "content": "大圣，你最近在忙些什么？"}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": "刻晴使用什么元素？"}],
+    [{"role": "user", "content": "你好，请介绍一下你自己。"},
+     {"role": "assistant", "content": "我是李白，一个爱喝酒写诗的人。"},
+     {"role": "user", "content": "Write one line about the moon."}],
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ori_model_dir", default=None,
+                   help="base model folder (default: the checkpoint's run_config.json base_model)")
+    p.add_argument("--model_dir", required=True, help="LoRA/QLoRA checkpoint folder written by train.py")
+    p.add_argument("--save_model_dir", required=True, help="where the merged model folder goes")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_model_dir")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="weights dtype to merge and save in (auto: the base model's stored dtype)")
+    p.add_argument("--device", default="cpu", help="where to merge: cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="max abs logit difference allowed (default: relative to the logit scale, by dtype: "
+                        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_RTOL.items()) + ")")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths and checks before any model is loaded
+# ---------------------------------------------------------------------------------------------
+def resolve_inputs(args: argparse.Namespace) -> tuple[str, str]:
+    """(base folder, adapter folder), validated."""
+    ckpt = Path(args.model_dir)
+    if ckpt.is_dir() and not utils.is_adapter_dir(ckpt) and (ckpt / "config.json").is_file():
+        raise UserError(f"{ckpt}: a full-model checkpoint (no adapter_config.json): it is already a complete "
+                        "model folder, nothing to merge; load it directly")
+    base = args.ori_model_dir
+    if base is None:
+        base, _ = utils.resolve_model_paths(str(ckpt))  # the checkpoint's run_config base_model
+    return utils.resolve_model_paths(base, str(ckpt))
+
+
+def check_output_dir(out: Path, overwrite: bool, inputs: list[str]) -> None:
+    resolved = out.resolve()
+    for src in inputs:
+        s = Path(src).resolve()
+        if resolved == s or s.is_relative_to(resolved) or resolved.is_relative_to(s):
+            raise UserError(f"--save_model_dir {out} overlaps an input folder ({src}); pick a separate folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--save_model_dir {out} exists and is not a folder; pick another path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--save_model_dir {out} exists and is not empty; pass --overwrite to replace it "
+                        "or pick another folder")
+
+
+def resolve_dtype_name(choice: str, base_dir: str) -> str:
+    """auto -> the base config's stored dtype (fp32 when unknown)."""
+    if choice != "auto":
+        return choice
+    try:
+        config = json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{base_dir}/config.json does not parse ({e}); re-download the base model") from e
+    stored = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(stored, "fp32")
+
+
+# ---------------------------------------------------------------------------------------------
+# Logits on the check prompts
+# ---------------------------------------------------------------------------------------------
+def check_prompt_ids(tokenizer: Any, generation_config: Any) -> list[list[int]]:
+    markers = generation_config if hasattr(generation_config, "user_token_id") else None
+    return [utils.build_prompt_ids(tokenizer, m, 256, markers) for m in CHECK_PROMPTS]
+
+
+def prompt_logits(model: Any, prompts: list[list[int]]) -> list[Any]:
+    """fp32 CPU logits for every position of every prompt (eval mode, one prompt at a time)."""
+    import torch
+
+    device = utils.model_device(model)
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids], dtype=torch.long, device=device)
+            out.append(model(input_ids=x, use_cache=False).logits[0].float().cpu())
+    return out
+
+
+def compare(reference: list[Any], other: list[Any]) -> dict[str, float]:
+    """Max abs difference, the reference's logit scale, and the share of positions with equal argmax."""
+    diffs = [float((a - b).abs().max()) for a, b in zip(reference, other, strict=True)]
+    scale = max(float(a.abs().max()) for a in reference)
+    same = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(reference, other, strict=True))
+    positions = sum(a.shape[0] for a in reference)
+    return {"max_abs_diff": max(diffs), "logit_scale": scale, "argmax_agreement": same / max(positions, 1)}
+
+
+def renormalise_heads(model: Any) -> None:
+    """Baichuan NormHead normalises its weight in place on the first eval call and then trusts it;
+    after the merge changed weights, make the next eval call normalise again (spec §3.6)."""
+    for module in model.modules():
+        if hasattr(module, "first_flag"):
+            module.first_flag = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+def release_memory() -> None:
+    """Collect dropped models now (and return cached CUDA blocks)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    base_dir, adapter_dir = resolve_inputs(args)
+    out = Path(args.save_model_dir)
+    check_output_dir(out, args.overwrite, [base_dir, adapter_dir])
+    dtype_name = resolve_dtype_name(args.dtype, base_dir)
+    if args.tolerance is not None and not args.tolerance > 0:
+        raise UserError(f"--tolerance must be > 0, got {args.tolerance}")
+    print(f"base: {base_dir}\nadapter: {adapter_dir}\ndtype: {dtype_name}", flush=True)
+
+    from transformers import AutoModelForCausalLM
+
+    import baichuan  # noqa: F401  (registers the Baichuan classes with the Auto factories)
+
+    t0 = time.perf_counter()
+    device = utils.resolve_inference_device(args.device)
+    torch_dtype = utils.resolve_inference_dtype(dtype_name, device)
+    tokenizer = utils.load_inference_tokenizer(base_dir, adapter_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype, device_map={"": device})
+    peft_model = utils.attach_adapter(model, tokenizer, adapter_dir)
+    del model
+    peft_model.eval()
+    prompts = check_prompt_ids(tokenizer, peft_model.generation_config)
+    reference = prompt_logits(peft_model, prompts)
+    with peft_model.disable_adapter():
+        adapter_effect = compare(reference, prompt_logits(peft_model, prompts))["max_abs_diff"]
+
+    merged = peft_model.merge_and_unload(progressbar=False, safe_merge=True)  # in place, layer by layer
+    del peft_model  # drop the PEFT wrapper (LoRA matrices); `merged` is the base model, merged in place
+    release_memory()
+    renormalise_heads(merged)
+    merged.config.use_cache = True
+    if tokenizer.pad_token_id is not None and merged.config.pad_token_id is None:
+        merged.config.pad_token_id = tokenizer.pad_token_id
+    print(f"merged in {time.perf_counter() - t0:.1f}s; saving", flush=True)
+
+    record = {
+        "train_mode": "merged",
+        "base_model": os.path.abspath(base_dir),
+        "adapter": os.path.abspath(adapter_dir),
+        "dtype": dtype_name,
+        "adapter_run_config": _adapter_run_summary(adapter_dir),
+    }
+    try:
+        with utils.atomic_path(out) as tmp:
+            save_model(merged, tokenizer, tmp)
+            del merged  # at most one model copy: the merged one goes before the reload
+            release_memory()
+            check = check_saved(tmp, torch_dtype, device, prompts, reference, dtype_name, args.tolerance)
+            check["adapter_effect"] = adapter_effect
+            print(f"check on {len(prompts)} prompts: max abs logit difference merged vs base+adapter "
+                  f"{check['max_abs_diff']:.3g} (tolerance {check['tolerance']:.3g}; logit scale "
+                  f"{check['logit_scale']:.3g}; adapter effect {adapter_effect:.3g}; argmax agreement "
+                  f"{check['argmax_agreement']:.1%})", flush=True)
+            if not check["max_abs_diff"] <= check["tolerance"]:  # also catches NaN
+                raise _CheckFailed(f"merged model differs from base+adapter by {check['max_abs_diff']:.3g} > "
+                                   f"{check['tolerance']:.3g}; nothing written to {out}. Check that --ori_model_dir "
+                                   "is the base the adapter was trained on, or merge in fp32 (--dtype fp32)")
+            utils.write_json(tmp / utils.RUN_CONFIG_NAME, record | {"merge_check": check, "versions": _versions()})
+    except _CheckFailed as e:  # the temporary folder is already gone
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"saved merged model to {out} ({time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+def save_model(model: Any, tokenizer: Any, folder: Path) -> None:
+    """Weights (safetensors), config, generation config and tokenizer into `folder`."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and not (folder / "generation_config.json").is_file():
+        generation_config.save_pretrained(folder)
+
+
+def check_saved(folder: Path, torch_dtype: Any, device: Any, prompts: list[list[int]], reference: list[Any],
+                dtype_name: str, tolerance: float | None) -> dict[str, float]:
+    """Reload the saved folder and compare its logits with base+adapter's (the reference)."""
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map={"": device})
+    result = compare(reference, prompt_logits(reloaded, prompts))
+    del reloaded
+    release_memory()
+    if tolerance is None:
+        tolerance = DEFAULT_RTOL[dtype_name] * max(1.0, result["logit_scale"])
+    return result | {"prompts": len(prompts), "tolerance": tolerance}
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+class _CheckFailed(Exception):
+    """The merged model failed the logit check (exit status 1)."""
+
+
+def _adapter_run_summary(adapter_dir: str) -> dict:
+    """The training settings worth keeping with the merged model (from the checkpoint's run_config)."""
+    path = Path(adapter_dir) / utils.RUN_CONFIG_NAME
+    try:
+        run = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    keys = ("train_mode", "lora_dim", "lora_alpha", "lora_target_modules", "resized_embeddings", "total_steps",
+            "precision", "train_path")
+    return {k: run[k] for k in keys if k in run}
+
+
+if __name__ == "__main__":
+    sys.exit(utils.run_main(main))

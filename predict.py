@@ -1,0 +1,429 @@
+r"""Talk to a fine-tuned role-play model, or score it on the test set.
+
+Interactive (asks for a role from the profiles file, then chats with history):
+    python predict.py --model_path output/merged --desc_path data/profiles-zh_desc.json
+    python predict.py --model_path output/qlora/epoch-1-step-100          # base + adapter
+    python predict.py --model_path Baichuan2-7B-Chat --adapter_dir output/qlora/epoch-1-step-100 --role 孙悟空
+  Commands: /reset (clear history), /role NAME (switch role, clears history), /roles (list roles),
+  /quit; Ctrl-D (EOF) quits. Works with piped stdin, e.g. `printf '1\n你好\n' | python predict.py ...`.
+
+Batch (one reply per test record, greedy by default, then metrics):
+    python predict.py --model_path output/merged --test_path data/test.json --output_path output/preds.jsonl \
+        --batch_size 8 --limit 200
+  Writes every input record plus a `prediction` field to --output_path and the metrics to
+  `<output_path without suffix>.metrics.json` (e.g. output/preds.metrics.json), and prints them:
+  - ROUGE-L F1 (jieba words, LCS-based, best over a record's `references`, else its `output`) per
+    role and overall, over RoleBench records (source "rolebench...");
+  - exact-fact accuracy (the gold `fact` occurs in the reply) per attribute, per template_set and
+    overall, over attribute records (source "attribute");
+  - out-of-character rate over RoleBench records: replies that claim to be an AI / language model /
+    assistant, or call themselves by another role's name ("我是李白" from 孙悟空);
+  - generated tokens per second.
+Record prompts are built exactly as training built them: system = record["instruction"] (kept
+even when empty, as train.py keeps it), user = record["input"], through utils.build_prompt_ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import utils
+from utils import DataError, UserError
+
+RESET_CMD, ROLE_CMD, ROLES_CMD, QUIT_CMDS = "/reset", "/role", "/roles", ("/quit", "/exit")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model_path", default=utils.DEFAULT_BASE_DIR,
+                   help="model folder (base or merged), or a train.py LoRA checkpoint (its base is read "
+                        "from run_config.json)")
+    g.add_argument("--adapter_dir", default=None, help="LoRA checkpoint to apply on top of --model_path")
+    g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    g.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="compute dtype (auto: bf16 on cuda, fp32 on cpu)")
+    g.add_argument("--load_in_4bit", action="store_true", help="load the base NF4-quantized (as QLoRA trained it)")
+    g = p.add_argument_group("generation (defaults: the model's generation_config.json)")
+    g.add_argument("--max_new_tokens", type=int, default=None, help="longest reply in tokens")
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature")
+    g.add_argument("--top_p", type=float, default=None, help="nucleus sampling threshold")
+    g.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens")
+    g.add_argument("--repetition_penalty", type=float, default=None, help="penalty for repeated tokens (1 = none)")
+    g.add_argument("--do_sample", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample instead of greedy decoding (default: off in batch mode, the model's "
+                        "setting interactively)")
+    g.add_argument("--seed", type=int, default=1234, help="seed for sampling")
+    g = p.add_argument_group("interactive mode")
+    g.add_argument("--desc_path", default=None,
+                   help=f"profiles JSON (role -> description); default {utils.PROFILES_PATH}. In batch mode "
+                        "it is optional and only adds role names for the out-of-character check")
+    g.add_argument("--role", default=None, help="start with this role instead of asking")
+    g = p.add_argument_group("batch mode")
+    g.add_argument("--test_path", default=None, help="test records (JSON lines from data_helper.py)")
+    g.add_argument("--output_path", default=None, help="predictions (JSON lines); required with --test_path")
+    g.add_argument("--batch_size", type=int, default=8, help="prompts generated together (left padding)")
+    g.add_argument("--limit", type=int, default=None, help="only the first N test records")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error("--batch_size must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be >= 1")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        p.error("--max_new_tokens must be >= 1")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# ROUGE-L with jieba words
+# ---------------------------------------------------------------------------------------------
+def segment(text: str) -> list[str]:
+    """jieba words of `text` (lower-cased; whitespace dropped, punctuation kept as words)."""
+    import logging
+
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)
+    return [w for w in jieba.lcut(text.lower()) if w.strip()]
+
+
+def lcs_length(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """Length of the longest common subsequence (bit-parallel, O(len(a) * len(b) / word size))."""
+    if not a or not b:
+        return 0
+    masks: dict[Any, int] = {}
+    for i, tok in enumerate(a):
+        masks[tok] = masks.get(tok, 0) | (1 << i)
+    full = (1 << len(a)) - 1
+    v = full
+    for tok in b:
+        u = v & masks.get(tok, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(a) - v.bit_count()
+
+
+def rouge_l_f1(prediction: str | Sequence[str], reference: str | Sequence[str]) -> float:
+    """ROUGE-L F1 of two texts (or word lists): 2PR/(P+R) with P = LCS/|pred|, R = LCS/|ref|; 0 if either is empty."""
+    pred = segment(prediction) if isinstance(prediction, str) else list(prediction)
+    ref = segment(reference) if isinstance(reference, str) else list(reference)
+    lcs = lcs_length(pred, ref)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def best_rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """Max ROUGE-L F1 over the references."""
+    pred = segment(prediction)
+    return max((rouge_l_f1(pred, segment(r)) for r in references), default=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Out-of-character detection
+# ---------------------------------------------------------------------------------------------
+_AI_WORDS = (r"人工智能|语言模型|大模型|机器人|助手|虚拟角色"
+             r"|(?<![a-z])(?:ai|assistant|chatbot|language model|artificial intelligence)(?![a-z])")
+_NO_BREAK = r"[^，。！？、；：,.!?;:\n]"
+AI_PATTERNS: tuple[re.Pattern, ...] = (
+    # identity phrases that are out of character wherever they occur
+    re.compile(r"(?<![a-z])ai\s*(助手|模型|语言模型|机器人)|人工智能(助手|模型|语言模型)|智能助手|虚拟助手"
+               r"|chatgpt|openai|百川大模型|百川智能|as an ai(?![a-z])", re.IGNORECASE),
+    # self-claims: 我是(一个)…AI / 作为一个…助手 / I am an AI …
+    re.compile(rf"(我|本人)(只|仅|仅仅|其实|不过)?(是|乃){_NO_BREAK}{{0,8}}?({_AI_WORDS})", re.IGNORECASE),
+    re.compile(rf"作为(一个|一名|一款|一位)?{_NO_BREAK}{{0,6}}?({_AI_WORDS})", re.IGNORECASE),
+    re.compile(r"\b(i am|i'm|as)\s+(an?|your|the)?\s*(ai|assistant|chatbot|artificial intelligence)\b", re.IGNORECASE),
+)
+_SELF_NAME = r"(?:我|俺|吾|本人|老子|在下|老夫|朕|本宫|本王|洒家)(?:就|便|正|乃|即)?(?:是|乃|叫|名叫|叫做)\s*"
+
+
+def out_of_character(reply: str, role: str, roles: Iterable[str]) -> str | None:
+    """Why `reply` (spoken as `role`) breaks character, or None: a claim to be an AI / language model /
+    assistant, or calling itself by another role's name ("我是李白" when playing 孙悟空)."""
+    for pattern in AI_PATTERNS:
+        m = pattern.search(reply)
+        if m:
+            return f"claims to be an AI: {m.group(0)!r}"
+    for other in roles:
+        if not other or other in role or role in other:
+            continue
+        m = re.search(_SELF_NAME + re.escape(other) + r"(?!的)", reply) or \
+            re.search(r"\b(?:i am|i'm|my name is)\s+" + re.escape(other), reply, re.IGNORECASE)
+        if m:
+            return f"calls itself another role: {m.group(0)!r}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Test records and metrics
+# ---------------------------------------------------------------------------------------------
+def is_rolebench(record: dict) -> bool:
+    return str(record.get("source", "")).startswith("rolebench")
+
+
+def is_attribute(record: dict) -> bool:
+    return record.get("source") == "attribute"
+
+
+def load_test_records(path: str, limit: int | None = None) -> list[tuple[int, dict]]:
+    """(line number, record) of the test file, validated; DataError names file:line."""
+    out = []
+    for lineno, record in utils.read_jsonl(path):
+        where = f"{path}:{lineno}"
+        for key in ("instruction", "input"):
+            if not isinstance(record.get(key), str):
+                raise DataError(f"{where}: field {key!r} missing or not a string; test records need "
+                                "instruction/input strings (build them with data_helper.py)")
+        if not record["input"].strip():
+            raise DataError(f"{where}: empty 'input'")
+        refs = record.get("references")
+        if refs is not None and (not isinstance(refs, list) or not all(isinstance(r, str) for r in refs)):
+            raise DataError(f"{where}: 'references' must be a list of strings")
+        if is_rolebench(record) and not refs and not isinstance(record.get("output"), str):
+            raise DataError(f"{where}: RoleBench record without 'references' or 'output' to score against")
+        if is_attribute(record):
+            for key in ("fact", "attribute", "template_set"):
+                if not isinstance(record.get(key), str) or not record[key]:
+                    raise DataError(f"{where}: attribute record without a {key!r} string")
+        out.append((lineno, record))
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise DataError(f"{path}: no test records")
+    return out
+
+
+def _mean_block(values: list[float]) -> dict[str, Any]:
+    return {"mean": sum(values) / len(values) if values else None, "n": len(values)}
+
+
+def _accuracy_block(hits: list[bool]) -> dict[str, Any]:
+    return {"accuracy": sum(hits) / len(hits) if hits else None, "correct": sum(hits), "n": len(hits)}
+
+
+def compute_metrics(records: Sequence[dict], predictions: Sequence[str], roles: Iterable[str],
+                    stats: dict | None = None, max_examples: int = 10) -> dict[str, Any]:
+    """All batch metrics for `records` and their `predictions` (same order)."""
+    roles = sorted(set(roles) | {r["role"] for r in records if isinstance(r.get("role"), str)})
+    rouge: dict[str, list[float]] = defaultdict(list)
+    rouge_source: dict[str, list[float]] = defaultdict(list)
+    ooc: dict[str, list[bool]] = defaultdict(list)
+    examples = []
+    attr: dict[str, list[bool]] = defaultdict(list)
+    tset: dict[str, list[bool]] = defaultdict(list)
+    for record, pred in zip(records, predictions, strict=True):
+        role = str(record.get("role", "?"))
+        if is_rolebench(record):
+            refs = record.get("references") or [record["output"]]
+            score = best_rouge_l(pred, refs)
+            rouge[role].append(score)
+            rouge_source[record["source"]].append(score)
+            reason = out_of_character(pred, role, roles)
+            ooc[role].append(reason is not None)
+            if reason and len(examples) < max_examples:
+                examples.append({"role": role, "input": record["input"], "prediction": pred, "reason": reason})
+        elif is_attribute(record):
+            hit = record["fact"] in pred
+            attr[record["attribute"]].append(hit)
+            tset[record["template_set"]].append(hit)
+    all_rouge = [v for vs in rouge.values() for v in vs]
+    all_ooc = [v for vs in ooc.values() for v in vs]
+    all_attr = [v for vs in attr.values() for v in vs]
+    metrics: dict[str, Any] = {
+        "records": len(records),
+        "rouge_l": {"overall": _mean_block(all_rouge)["mean"], "n": len(all_rouge),
+                    "per_role": {k: _mean_block(v) for k, v in sorted(rouge.items())},
+                    "per_source": {k: _mean_block(v) for k, v in sorted(rouge_source.items())}},
+        "attribute_accuracy": {"overall": _accuracy_block(all_attr),
+                               "per_attribute": {k: _accuracy_block(v) for k, v in sorted(attr.items())},
+                               "per_template_set": {k: _accuracy_block(v) for k, v in sorted(tset.items())}},
+        "out_of_character": {"rate": sum(all_ooc) / len(all_ooc) if all_ooc else None, "flagged": sum(all_ooc),
+                             "n": len(all_ooc),
+                             "per_role": {k: {"rate": sum(v) / len(v), "flagged": sum(v), "n": len(v)}
+                                          for k, v in sorted(ooc.items())},
+                             "examples": examples},
+    }
+    if stats is not None:
+        seconds = stats.get("seconds", 0.0)
+        tokens = stats.get("generated_tokens", 0)
+        metrics["generation"] = {"generated_tokens": tokens, "prompt_tokens": stats.get("prompt_tokens", 0),
+                                 "seconds": round(seconds, 3),
+                                 "tokens_per_s": tokens / seconds if seconds > 0 else None}
+    return metrics
+
+
+def format_metrics(m: dict[str, Any]) -> str:
+    def num(x: float | None, fmt: str = ".4f") -> str:
+        return "n/a" if x is None else format(x, fmt)
+
+    lines = [f"records: {m['records']}"]
+    r = m["rouge_l"]
+    lines.append(f"ROUGE-L F1 (RoleBench, jieba words): overall {num(r['overall'])} (n={r['n']})")
+    lines += [f"  {k}: {num(v['mean'])} (n={v['n']})" for k, v in r["per_role"].items()]
+    a = m["attribute_accuracy"]
+    lines.append(f"attribute exact-fact accuracy: overall {num(a['overall']['accuracy'], '.2%')} "
+                 f"({a['overall']['correct']}/{a['overall']['n']})")
+    for group in ("per_template_set", "per_attribute"):
+        lines += [f"  {group[4:]} {k}: {num(v['accuracy'], '.2%')} ({v['correct']}/{v['n']})"
+                  for k, v in a[group].items()]
+    o = m["out_of_character"]
+    lines.append(f"out-of-character rate (RoleBench): {num(o['rate'], '.2%')} ({o['flagged']}/{o['n']})")
+    lines += [f"  e.g. [{e['role']}] {e['reason']}" for e in o["examples"][:3]]
+    if "generation" in m:
+        g = m["generation"]
+        lines.append(f"generation: {g['generated_tokens']} tokens in {g['seconds']:.1f}s = "
+                     f"{num(g['tokens_per_s'], '.1f')} tokens/s")
+    return "\n".join(lines)
+
+
+def metrics_path_for(output_path: str) -> Path:
+    return Path(output_path).with_suffix(".metrics.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes
+# ---------------------------------------------------------------------------------------------
+def generation_overrides(args: argparse.Namespace, batch: bool) -> dict[str, Any]:
+    do_sample = args.do_sample
+    if do_sample is None and batch:
+        do_sample = False
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k, "repetition_penalty": args.repetition_penalty, "do_sample": do_sample}
+
+
+def run_batch(args: argparse.Namespace, model: Any, tokenizer: Any, items: list[tuple[int, dict]],
+              extra_roles: Iterable[str]) -> dict[str, Any]:
+    """Generate a reply for every record (longest prompts first, in batches), write predictions and metrics."""
+    from tqdm import tqdm
+
+    config = utils.generation_config_for(model, **generation_overrides(args, batch=True))
+    records = [r for _, r in items]
+    messages = [utils.record_messages(r) for r in records]
+    lengths = [len(utils.chat_prompt_ids(model, tokenizer, m, config)) for m in messages]
+    order = sorted(range(len(records)), key=lambda i: -lengths[i])  # similar lengths share a batch
+    predictions: list[str] = [""] * len(records)
+    stats: dict[str, Any] = {}
+    with tqdm(total=len(records), desc="predict", unit="rec", file=sys.stderr, dynamic_ncols=True) as bar:
+        for start in range(0, len(order), args.batch_size):
+            chunk = order[start:start + args.batch_size]
+            replies = utils.generate_batch(model, tokenizer, [messages[i] for i in chunk], config,
+                                           batch_size=args.batch_size, stats=stats)
+            for i, reply in zip(chunk, replies, strict=True):
+                predictions[i] = reply
+            bar.update(len(chunk))
+    utils.write_jsonl(args.output_path, ({**r, "prediction": p} for r, p in zip(records, predictions, strict=True)))
+    metrics = compute_metrics(records, predictions, extra_roles, stats)
+    metrics["generation"].update(batch_size=args.batch_size, do_sample=bool(config.do_sample),
+                                 max_new_tokens=config.max_new_tokens)
+    metrics["model"] = {"model_path": args.model_path, "adapter_dir": args.adapter_dir, "test_path": args.test_path}
+    utils.write_json(metrics_path_for(args.output_path), metrics)
+    print(format_metrics(metrics))
+    print(f"predictions: {args.output_path}\nmetrics: {metrics_path_for(args.output_path)}")
+    return metrics
+
+
+def choose_role(profiles: dict[str, str], stdin: TextIO, stdout: TextIO) -> str | None:
+    """Ask for a role by number or name until a known one is given; None on EOF."""
+    names = list(profiles)
+    print("roles: " + "  ".join(f"{i}. {n}" for i, n in enumerate(names, 1)), file=stdout)
+    while True:
+        print("choose a role (number or name): ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line:
+            return None
+        choice = line.strip()
+        if choice.isdigit() and 1 <= int(choice) <= len(names):
+            return names[int(choice) - 1]
+        if choice in profiles:
+            return choice
+        print(f"unknown role {choice!r}; choose one of: {', '.join(names)}", file=stdout)
+
+
+def run_interactive(args: argparse.Namespace, model: Any, tokenizer: Any, profiles: dict[str, str],
+                    stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    """Chat with history in the chosen role; /reset, /role NAME, /roles, /quit, EOF quits."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    config = utils.generation_config_for(model, **generation_overrides(args, batch=False))
+    role = args.role or choose_role(profiles, stdin, stdout)
+    if role is None:
+        print("\nbye", file=stdout)
+        return 0
+    history: list[dict[str, str]] = []
+    print(f"[{role}] commands: /reset clears the history, /role NAME switches role, /roles lists roles, "
+          "/quit or Ctrl-D quits", file=stdout)
+    while True:
+        print("user: ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line:
+            print("\nbye", file=stdout)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in QUIT_CMDS:
+            print("bye", file=stdout)
+            return 0
+        if text == RESET_CMD:
+            history = []
+            print(f"[{role}] history cleared", file=stdout)
+            continue
+        if text == ROLES_CMD or text == ROLE_CMD:
+            print("roles: " + ", ".join(profiles) + f" (current: {role})", file=stdout)
+            continue
+        if text.startswith(ROLE_CMD + " "):
+            name = text[len(ROLE_CMD) + 1:].strip()
+            if name not in profiles:
+                print(f"unknown role {name!r}; known roles: {', '.join(profiles)}", file=stdout)
+                continue
+            role, history = name, []
+            print(f"[{role}] role switched, history cleared", file=stdout)
+            continue
+        history.append({"role": "user", "content": text})
+        messages = [{"role": "system", "content": utils.role_system_prompt(role, profiles)}] + history
+        print(f"{role}: ", end="", file=stdout, flush=True)
+        shown = reply = ""
+        for reply in utils.chat_stream(model, tokenizer, messages, config):
+            if reply.startswith(shown):
+                print(reply[len(shown):], end="", file=stdout, flush=True)
+            else:  # the final exact text differs from what was streamed: show it whole
+                print(f"\n{role}: {reply}", end="", file=stdout, flush=True)
+            shown = reply
+        print(file=stdout, flush=True)
+        history.append({"role": "assistant", "content": reply})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    batch = args.test_path is not None
+    # Validate every input before loading a model.
+    if batch:
+        if not args.output_path:
+            raise UserError("--test_path needs --output_path (where the predictions go)")
+        items = load_test_records(args.test_path, args.limit)
+        extra_roles: list[str] = []
+        desc = args.desc_path or (utils.PROFILES_PATH if Path(utils.PROFILES_PATH).is_file() else None)
+        if desc:
+            extra_roles = list(utils.load_profiles(desc))
+    else:
+        profiles = utils.load_profiles(args.desc_path or utils.PROFILES_PATH)
+        if args.role is not None:
+            utils.role_system_prompt(args.role, profiles)  # unknown role -> DataError
+    model, tokenizer = utils.load_model_for_inference(args.model_path, args.adapter_dir, args.device, args.dtype,
+                                                      args.load_in_4bit)
+    import torch
+
+    torch.manual_seed(args.seed)
+    if batch:
+        run_batch(args, model, tokenizer, items, extra_roles)
+        return 0
+    return run_interactive(args, model, tokenizer, profiles)
+
+
+if __name__ == "__main__":
+    sys.exit(utils.run_main(main))

@@ -1,0 +1,625 @@
+"""Tests for data_helper.py: every input is a small fixture written to a tmp dir by the tests."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+# the scripts live in the repo root, not in a package: import them from there whatever the cwd
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+data_helper = importlib.import_module("data_helper")
+utils = importlib.import_module("utils")
+
+PROFILES = {
+    "孙悟空": "美猴王，齐天大圣，说话豪爽",
+    "李白": "唐代诗人，好饮酒。",
+    "皇帝": "雍正皇帝",
+    "赵子龙": "常山赵子龙",  # has a profile, no RoleBench data
+}
+
+GENERAL_TRAIN = [
+    {"role": "孙悟空", "question": "编辑以下句子：我去了商店。", "generated": ["俺老孙改好了：我去了商店。", "俺老孙说：好！"]},
+    {"role": "孙悟空", "question": "写一首关于月亮的诗。", "generated": ["月儿弯弯挂天边", "月亮", "第三个回答"]},
+    {"role": "李白", "question": "写一首关于月亮的诗。", "generated": ["床前明月光"]},
+    {"role": "皇帝", "question": "给出三个水果。", "generated": ["苹果、香蕉、橘子，朕都爱吃。"]},
+]
+GENERAL_TEST = [
+    {"role": "李白", "question": "编辑以下句子：我去了商店。", "generated": ["我去了商店，饮酒一杯。", "改好了"]},
+    {"role": "孙悟空", "question": "今天天气如何？", "generated": ["晴空万里！"]},
+]
+SPECIFIC_TRAIN = [
+    {"role": "皇帝", "question": "皇上，您今天批了多少奏折？", "generated": ["朕批了一百本。"], "type": "script_based"},
+    {"role": "孙悟空", "question": "大圣，你的金箍棒有多重？", "generated": ["一万三千五百斤！"], "type": "script_based"},
+]
+SPECIFIC_TEST = [
+    {"role": "皇帝", "question": "皇上，年羹尧该如何处置？", "generated": ["朕自有分寸。"], "type": "script_based"},
+]
+FILES = {
+    ("general", "train"): GENERAL_TRAIN,
+    ("general", "test"): GENERAL_TEST,
+    ("role_specific", "train"): SPECIFIC_TRAIN,
+    ("role_specific", "test"): SPECIFIC_TEST,
+}
+
+TABLE = {
+    "attributes": ["性别", "元素力"],
+    "characters": {
+        "刻晴": {"性别": "女", "元素力": "雷"},
+        "钟离": {"性别": "男", "元素力": "岩"},
+        "派蒙": {"性别": "女", "元素力": None},  # unknown: no records for it
+    },
+}
+TEMPLATES = {
+    "性别": {
+        "train": ["{name}是男是女？", "{name}的性别是什么？"],
+        "heldout": ["请问{name}是男性还是女性？"],
+        "novel": ["说说{name}的性别。"],
+        "answer": ["{name}是{value}性。", "{value}。"],
+    },
+    "元素力": {
+        "train": ["{name}用什么元素？", "{name}的元素力是什么？", "{name}的神之眼是什么元素？"],
+        "heldout": ["{name}掌握哪种元素力？"],
+        "novel": ["告诉我{name}的元素。"],
+        "answer": ["{name}的元素力是{value}。", "是{value}元素。", "{value}"],
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixture builders
+# ---------------------------------------------------------------------------------------------
+def dump_jsonl(path: Path, records: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def rolebench_path(root: Path, layout: str, kind: str, split: str) -> Path:
+    if layout == "flat":
+        return root / f"rolebench-zh_{kind}_{split}.jsonl"
+    return root / "rolebench-zh" / kind / f"{split}.jsonl"
+
+
+def make_rolebench(root: Path, layout: str = "flat", files: dict | None = None) -> Path:
+    for (kind, split), records in (FILES if files is None else files).items():
+        dump_jsonl(rolebench_path(root, layout, kind, split), records)
+    return root
+
+
+def make_inputs(tmp_path: Path, layout: str = "flat", files: dict | None = None, attributes: bool = True) -> dict:
+    """A full set of inputs in tmp_path; returns the paths the CLI needs."""
+    data = make_rolebench(tmp_path / "data", layout, files)
+    profiles = tmp_path / "profiles.json"
+    profiles.write_text(json.dumps(PROFILES, ensure_ascii=False), encoding="utf-8")
+    table = tmp_path / "attributes.json"
+    table.write_text(json.dumps(TABLE, ensure_ascii=False), encoding="utf-8")
+    templates = tmp_path / "templates.json"
+    templates.write_text(json.dumps(TEMPLATES, ensure_ascii=False), encoding="utf-8")
+    return {"data_dir": data, "profiles": profiles, "attributes": table if attributes else "",
+            "templates": templates, "output_dir": tmp_path / "out"}
+
+
+def argv(paths: dict, *extra: str) -> list[str]:
+    args = []
+    for key in ("data_dir", "profiles", "attributes", "templates", "output_dir"):
+        args += [f"--{key}", str(paths[key])]
+    return args + list(extra)
+
+
+def read_out(paths: dict, name: str) -> list[dict]:
+    return [r for _, r in utils.read_jsonl(Path(paths["output_dir"]) / name)]
+
+
+def run_ok(paths: dict, *extra: str) -> tuple[list[dict], list[dict]]:
+    assert data_helper.main(argv(paths, *extra)) == 0
+    return read_out(paths, "train.json"), read_out(paths, "test.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# RoleBench records
+# ---------------------------------------------------------------------------------------------
+def test_both_layouts_give_identical_files(tmp_path):
+    outputs = []
+    for layout in ("flat", "published"):
+        paths = make_inputs(tmp_path / layout, layout)
+        assert data_helper.main(argv(paths)) == 0
+        outputs.append([(paths["output_dir"] / n).read_bytes() for n in ("train.json", "test.json")])
+    assert outputs[0] == outputs[1]
+
+
+def test_data_dir_may_be_the_published_rolebench_zh_folder(tmp_path):
+    paths = make_inputs(tmp_path, "published", attributes=False)
+    train, _ = run_ok(paths)
+    paths["data_dir"] = paths["data_dir"] / "rolebench-zh"
+    paths["output_dir"] = tmp_path / "out2"
+    assert run_ok(paths)[0] == train
+
+
+def test_rolebench_record_fields_and_system_prompt(tmp_path):
+    paths = make_inputs(tmp_path, attributes=False)
+    train, test = run_ok(paths)
+    for r in train + test:
+        assert r["instruction"] == utils.build_system_prompt(r["role"], PROFILES[r["role"]])
+        assert r["source"] in ("rolebench_general", "rolebench_role_specific")
+        assert r["input"] and r["output"]
+    assert {r["split"] for r in train} == {"train"} and {r["split"] for r in test} == {"test"}
+    specific = [r for r in train if r["source"] == "rolebench_role_specific"]
+    assert specific and all(r["type"] == "script_based" for r in specific)
+
+
+def test_test_split_keeps_one_record_per_question_with_all_references(tmp_path):
+    paths = make_inputs(tmp_path, attributes=False)
+    _, test = run_ok(paths, "--max_replies", "1")
+    li_bai = [r for r in test if r["role"] == "李白"]
+    assert len(li_bai) == 1
+    assert li_bai[0]["references"] == ["我去了商店，饮酒一杯。", "改好了"]
+    assert li_bai[0]["output"] == "我去了商店，饮酒一杯。"
+    assert len(test) == len(GENERAL_TEST) + len(SPECIFIC_TEST)
+
+
+@pytest.mark.parametrize("max_replies, expected", [(1, 1), (2, 2), (5, 3)])
+def test_max_replies_limits_train_references(tmp_path, max_replies, expected, capsys):
+    paths = make_inputs(tmp_path, attributes=False)
+    train, _ = run_ok(paths, "--max_replies", str(max_replies))
+    moon = [r["output"] for r in train if r["role"] == "孙悟空" and r["input"] == "写一首关于月亮的诗。"]
+    assert sorted(moon) == sorted(["月儿弯弯挂天边", "月亮", "第三个回答"][:expected])
+    if max_replies == 1:
+        assert "reference over --max_replies" in capsys.readouterr().out
+
+
+def test_max_replies_must_be_positive(tmp_path, capsys):
+    paths = make_inputs(tmp_path, attributes=False)
+    assert data_helper.main(argv(paths, "--max_replies", "0")) == 2
+    assert "--max_replies" in capsys.readouterr().err
+
+
+def test_duplicate_references_and_repeated_questions_are_merged(tmp_path, capsys):
+    files = {("general", "train"): [
+        {"role": "李白", "question": "问", "generated": ["答一", "答一", "  "]},
+        {"role": "李白", "question": "问", "generated": ["答二", "答一"]},
+    ]}
+    paths = make_inputs(tmp_path, files=files, attributes=False)
+    train, _ = run_ok(paths, "--max_replies", "5")
+    assert sorted(r["output"] for r in train) == ["答一", "答二"]
+    out = capsys.readouterr().out
+    assert "2 duplicate reference" in out and "1 blank reference" in out
+
+
+def test_role_filter(tmp_path):
+    paths = make_inputs(tmp_path, attributes=False)
+    train, test = run_ok(paths, "--roles", "李白, 皇帝")
+    assert {r["role"] for r in train + test} == {"李白", "皇帝"}
+    all_train, _ = run_ok({**paths, "output_dir": tmp_path / "all"})
+    assert {r["role"] for r in all_train} == {"孙悟空", "李白", "皇帝"}
+
+
+def test_roles_filter_applies_to_rolebench_only(tmp_path):
+    paths = make_inputs(tmp_path)
+    train, _ = run_ok(paths, "--roles", "李白")
+    assert {r["role"] for r in train if r["source"] == "attribute"} == {"刻晴", "钟离", "派蒙"}
+    assert {r["role"] for r in train if r["source"] != "attribute"} == {"李白"}
+
+
+def test_requested_role_without_profile_is_an_error(tmp_path, capsys):
+    paths = make_inputs(tmp_path, attributes=False)
+    assert data_helper.main(argv(paths, "--roles", "李白,猪八戒")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "猪八戒" in err and str(paths["profiles"]) in err
+    assert not paths["output_dir"].exists()
+
+
+@pytest.mark.parametrize("strip", [False, True])
+def test_strip_address(tmp_path, strip):
+    paths = make_inputs(tmp_path, attributes=False)
+    train, test = run_ok(paths, *(["--strip_address"] if strip else []))
+    specific = {r["input"] for r in train + test if r["source"] == "rolebench_role_specific"}
+    general = {r["input"] for r in train + test if r["source"] == "rolebench_general"}
+    if strip:
+        assert specific == {"您今天批了多少奏折？", "你的金箍棒有多重？", "年羹尧该如何处置？"}
+    else:
+        assert specific == {"皇上，您今天批了多少奏折？", "大圣，你的金箍棒有多重？", "皇上，年羹尧该如何处置？"}
+    assert "我去了商店，饮酒一杯。" not in general  # general questions are never stripped
+    assert "编辑以下句子：我去了商店。" in general
+
+
+def test_strip_address_drops_questions_left_empty(tmp_path, capsys):
+    files = {("role_specific", "train"): [
+        {"role": "皇帝", "question": "皇上，", "generated": ["嗯"]},
+        {"role": "皇帝", "question": "无地址的问题", "generated": ["好"]},
+    ]}
+    paths = make_inputs(tmp_path, files=files, attributes=False)
+    train, _ = run_ok(paths, "--strip_address")
+    assert [r["input"] for r in train] == ["无地址的问题"]
+    assert "1 question empty after --strip_address" in capsys.readouterr().out
+
+
+def test_strip_address_function():
+    assert data_helper.strip_address("皇上，您好，吃了吗") == "您好，吃了吗"
+    assert data_helper.strip_address("没有称呼") == "没有称呼"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reproducibility
+# ---------------------------------------------------------------------------------------------
+def test_byte_identical_twice_and_seed_changes_order(tmp_path):
+    paths = make_inputs(tmp_path)
+    blobs = []
+    for i, seed in enumerate(("42", "42", "7")):
+        out = tmp_path / f"out{i}"
+        assert data_helper.main(argv({**paths, "output_dir": out}, "--seed", seed)) == 0
+        blobs.append(((out / "train.json").read_bytes(), (out / "test.json").read_bytes()))
+    assert blobs[0] == blobs[1]
+    assert blobs[0][0] != blobs[2][0]
+    inputs = [[json.loads(x)["input"] for x in b[0].split(b"\n") if x] for b in (blobs[0], blobs[2])]
+    assert inputs[0] != inputs[1] and sorted(inputs[0]) == sorted(inputs[1])  # same questions, another order
+
+
+# ---------------------------------------------------------------------------------------------
+# Attributes
+# ---------------------------------------------------------------------------------------------
+def test_attribute_records_split_by_template_set(tmp_path):
+    paths = make_inputs(tmp_path)
+    train, test = run_ok(paths)
+    attr_train = [r for r in train if r["source"] == "attribute"]
+    attr_test = [r for r in test if r["source"] == "attribute"]
+    assert {r["template_set"] for r in attr_train} == {"train"}
+    assert {r["template_set"] for r in attr_test} == {"heldout", "novel"}
+    # 2 characters x (2 + 3) train templates, 1 character (派蒙) x 2 for 性别 only
+    assert len(attr_train) == 2 * 5 + 2
+    assert len(attr_test) == 2 * 4 + 2
+    train_inputs = {r["input"] for r in train}
+    assert not any(r["input"] in train_inputs for r in attr_test)
+    for r in attr_train + attr_test:
+        assert r["instruction"] == ""
+        assert r["role"] in r["input"] and r["fact"] in r["output"]
+        assert r["fact"] == TABLE["characters"][r["role"]][r["attribute"]]
+
+
+def test_attribute_characters_need_no_profile_and_rolebench_is_optional(tmp_path, capsys):
+    paths = make_inputs(tmp_path, files={})
+    paths["profiles"] = tmp_path / "does-not-exist.json"
+    train, test = run_ok(paths)
+    assert {r["source"] for r in train + test} == {"attribute"}
+    assert "warning: no RoleBench files" in capsys.readouterr().out
+
+
+def test_expand_attributes_public_api():
+    table = {"attributes": ["性别"], "characters": {"甲": {"性别": "男"}, "乙": {"性别": "女"}}}
+    records = data_helper.expand_attributes(table, TEMPLATES, ("train", "heldout"), seed=1)
+    assert [r["template_set"] for r in records] == ["train", "train", "heldout"] * 2
+    assert records == data_helper.expand_attributes(table, TEMPLATES, ["train", "heldout"], 1)
+    only_train = data_helper.expand_attributes(table, TEMPLATES, ["train"], 1)
+    assert only_train == [r for r in records if r["template_set"] == "train"]  # answers stable across sets
+    assert records[0] == {"instruction": "", "input": "甲是男是女？", "output": records[0]["output"], "role": "甲",
+                          "source": "attribute", "attribute": "性别", "fact": "男", "template_set": "train"}
+
+
+@pytest.mark.parametrize("table, templates, needle", [
+    ({"characters": {}}, TEMPLATES, "attribute table"),
+    ({"attributes": ["身高"], "characters": {"甲": {"身高": "高"}}}, TEMPLATES, "身高"),
+    ({"attributes": ["性别"], "characters": {"甲": {"性别": 3}}}, TEMPLATES, "甲.性别"),
+    (TABLE, {**TEMPLATES, "性别": {**TEMPLATES["性别"], "train": ["没有名字"]}}, "{name}"),
+    (TABLE, {**TEMPLATES, "性别": {**TEMPLATES["性别"], "answer": ["没有值"]}}, "{value}"),
+    (TABLE, {**TEMPLATES, "性别": {**TEMPLATES["性别"], "answer": []}}, "no answer templates"),
+    (TABLE, {**TEMPLATES, "性别": {**TEMPLATES["性别"], "train": ["{name}是{value}吗"]}}, "gives the answer away"),
+])
+def test_expand_attributes_rejects_bad_tables(table, templates, needle):
+    with pytest.raises(utils.DataError, match=r".*" + needle.replace(".", r"\.").replace("{", r"\{")):
+        data_helper.expand_attributes(table, templates, ["train"], 0)
+
+
+def test_a_test_phrasing_also_in_train_is_an_error(tmp_path, capsys):
+    paths = make_inputs(tmp_path)
+    leaky = {**TEMPLATES, "元素力": {**TEMPLATES["元素力"], "novel": ["告诉我{name}的元素。", "{name}用什么元素？"]}}
+    paths["templates"].write_text(json.dumps(leaky, ensure_ascii=False), encoding="utf-8")
+    assert data_helper.main(argv(paths)) == 2
+    err = capsys.readouterr().err
+    assert str(paths["templates"]) in err and "元素力.novel" in err and "{name}用什么元素？" in err
+
+
+def test_placeholders_are_filled_in_one_pass():
+    table = {"attributes": ["性别"], "characters": {"{value}": {"性别": "{name}"}}}
+    templates = {"性别": {"train": ["{name}？"], "answer": ["{name}={value}"]}}
+    [r] = data_helper.expand_attributes(table, templates, ["train"], 0)
+    assert (r["input"], r["output"]) == ("{value}？", "{value}={name}")
+
+
+def test_attributes_can_be_disabled(tmp_path):
+    paths = make_inputs(tmp_path, attributes=False)
+    train, test = run_ok(paths)
+    assert "attribute" not in {r["source"] for r in train + test}
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary
+# ---------------------------------------------------------------------------------------------
+def test_summary_lists_counts_lengths_and_overlap(tmp_path, capsys):
+    paths = make_inputs(tmp_path)
+    run_ok(paths)
+    out = capsys.readouterr().out
+    assert "records per role:" in out and "孙悟空" in out and "刻晴" in out
+    assert "p50=" in out and "p90=" in out and "max=" in out
+    # "编辑以下句子：我去了商店。" is a 孙悟空 train question and a 李白 test question
+    assert "test questions also in train: 1 (0 same role, 1 only under other roles)" in out
+    assert "编辑以下句子：我去了商店。" in out
+    assert "赵子龙" in out  # a profile with no RoleBench data is noted
+    assert "wrote " in out and " s" in out
+
+
+def test_summary_reports_same_role_overlap(tmp_path, capsys):
+    files = {("general", "train"): [{"role": "李白", "question": "重复的问题", "generated": ["一"]}],
+             ("general", "test"): [{"role": "李白", "question": "重复的问题", "generated": ["二"]}]}
+    paths = make_inputs(tmp_path, files=files, attributes=False)
+    run_ok(paths)
+    out = capsys.readouterr().out
+    assert "test questions also in train: 1 (1 same role, 0 only under other roles)" in out
+    assert "[same role] 李白" in out
+
+
+def test_missing_files_of_a_layout_are_reported(tmp_path, capsys):
+    paths = make_inputs(tmp_path, files={("general", "train"): GENERAL_TRAIN}, attributes=False)
+    run_ok(paths)
+    out = capsys.readouterr().out
+    assert "warning: missing RoleBench files" in out and "rolebench-zh_role_specific_test.jsonl" in out
+
+
+def test_percentile():
+    assert data_helper.percentile([], 0.5) == 0
+    assert data_helper.percentile([1, 2, 3, 4], 0.5) == 2
+    assert data_helper.percentile(list(range(1, 11)), 0.9) == 9
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: exit 2, one line naming file and line, outputs untouched
+# ---------------------------------------------------------------------------------------------
+GOOD = json.dumps({"role": "李白", "question": "好问题", "generated": ["好回答"]}, ensure_ascii=False)
+BAD_LINES = {
+    "malformed": (b"{not json", "malformed JSON"),
+    "not_object": (b"[1, 2]", "expected a JSON object"),
+    "missing_field": (json.dumps({"role": "李白", "generated": ["x"]}).encode(), "missing field 'question'"),
+    "wrong_type": (json.dumps({"role": "李白", "question": 5, "generated": ["x"]}).encode(), "'question' must be"),
+    "generated_str": (json.dumps({"role": "李白", "question": "q", "generated": "x"}).encode(), "list of strings"),
+    "generated_item": (json.dumps({"role": "李白", "question": "q", "generated": [1]}).encode(), "generated[0]"),
+    "empty_generated": (json.dumps({"role": "李白", "question": "q", "generated": []}).encode(), "'generated' is empty"),
+    "no_profile": (json.dumps({"role": "猪八戒", "question": "q", "generated": ["x"]}).encode(), "no profile"),
+    "not_utf8": ('{"role": "李白", "question": "问", "generated": ["答"]}'.encode("gbk"), "not UTF-8"),
+    "surrogate": (b'{"role": "\\u674e\\u767d", "question": "\\ud800", "generated": ["x"]}', "unpaired surrogate"),
+    "huge_number": (b'{"role": "x", "question": "q", "generated": ["x"], "n": ' + b"9" * 5000 + b"}", "unreadable JSON"),
+    "deep_nesting": (b"[" * 100_000, "unreadable JSON"),
+}
+
+
+def _write_with_bad_line(tmp_path: Path, bad: bytes) -> tuple[dict, Path]:
+    paths = make_inputs(tmp_path, attributes=False)
+    target = rolebench_path(paths["data_dir"], "flat", "general", "train")
+    target.write_bytes(b"\n".join([GOOD.encode(), b"", bad, GOOD.encode()]) + b"\n")
+    return paths, target
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LINES))
+def test_bad_record_exits_2_with_one_line_and_leaves_outputs_alone(tmp_path, capsys, case):
+    bad, what = BAD_LINES[case]
+    paths, target = _write_with_bad_line(tmp_path, bad)
+    out_dir = paths["output_dir"]
+    out_dir.mkdir()
+    (out_dir / "train.json").write_text("old train\n")
+    assert data_helper.main(argv(paths)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {target}:3: ")
+    assert what in err and "; " in err and "Traceback" not in err
+    assert (out_dir / "train.json").read_text() == "old train\n"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["train.json"]  # no test.json, no temp files
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LINES))
+def test_skip_bad_counts_and_reports(tmp_path, capsys, case):
+    bad, what = BAD_LINES[case]
+    paths, target = _write_with_bad_line(tmp_path, bad)
+    train, _ = run_ok(paths, "--skip_bad")
+    assert sum(1 for r in train if r["input"] == "好问题") == 1  # the good lines around it survive (merged)
+    out = capsys.readouterr().out
+    assert "bad records skipped (--skip_bad): 1" in out and f"{target}:3: " in out and what in out
+
+
+def test_skip_bad_counts_several(tmp_path, capsys):
+    paths, target = _write_with_bad_line(tmp_path, b"{oops")
+    with open(target, "ab") as f:
+        f.write(b"[]\n" + BAD_LINES["no_profile"][0] + b"\n")
+    run_ok(paths, "--skip_bad")
+    assert "bad records skipped (--skip_bad): 3" in capsys.readouterr().out
+
+
+def test_a_failed_write_leaves_both_outputs_untouched(tmp_path, monkeypatch):
+    paths = make_inputs(tmp_path)
+    out = paths["output_dir"]
+    out.mkdir()
+    for name in ("train.json", "test.json"):
+        (out / name).write_text(f"old {name}\n")
+    real_write = Path.write_bytes
+    calls = []
+
+    def failing_write(self, data):
+        calls.append(self.name)
+        if len(calls) == 2:  # train.json's temp file is written, test.json's fails (disk full)
+            raise OSError(28, "No space left on device", str(self))
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", failing_write)
+    assert data_helper.main(argv(paths)) == 2
+    assert calls == ["train.json", "test.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["test.json", "train.json"]  # no temp dirs left behind
+    assert [(out / n).read_text() for n in ("train.json", "test.json")] == ["old train.json\n", "old test.json\n"]
+
+
+def test_bom_and_crlf_are_accepted(tmp_path):
+    paths = make_inputs(tmp_path, attributes=False)
+    target = rolebench_path(paths["data_dir"], "flat", "general", "train")
+    target.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\r\n" + GOOD.encode() + b"\r\n")
+    train, _ = run_ok(paths)
+    assert [r["output"] for r in train if r["input"] == "好问题"] == ["好回答"]
+
+
+@pytest.mark.parametrize("setup, needle", [
+    ("no_data", "no RoleBench files"),
+    ("no_profiles", "profiles file not found"),
+    ("bad_profiles", "malformed JSON"),
+    ("no_table", "attribute table not found"),
+    ("no_templates", "attribute templates file not found"),
+    ("bad_templates_utf8", "not UTF-8"),
+])
+def test_missing_or_broken_files_exit_2(tmp_path, capsys, setup, needle):
+    paths = make_inputs(tmp_path, attributes=setup not in ("no_data",))
+    if setup == "no_data":
+        paths["data_dir"] = tmp_path / "empty"
+        paths["data_dir"].mkdir()
+    elif setup == "no_profiles":
+        paths["profiles"] = tmp_path / "nope.json"
+    elif setup == "bad_profiles":
+        paths["profiles"].write_text("{\n oops", encoding="utf-8")
+    elif setup == "no_table":
+        paths["attributes"] = tmp_path / "nope.json"
+    elif setup == "no_templates":
+        paths["templates"] = tmp_path / "nope.json"
+    else:
+        paths["templates"].write_bytes("{\"性别\": 1}".encode("gbk"))
+    assert data_helper.main(argv(paths, "--skip_bad")) == 2  # files, not records: --skip_bad does not apply
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and needle in err
+    assert not paths["output_dir"].exists()
+
+
+def test_defaults_work_from_the_repo_root(tmp_path, monkeypatch, capsys):
+    """No flags: everything is read from data/ and written to data/ (default file names)."""
+    monkeypatch.chdir(tmp_path)
+    make_rolebench(tmp_path / "data")
+    (tmp_path / utils.PROFILES_PATH).write_text(json.dumps(PROFILES, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / utils.ATTRIBUTES_PATH).write_text(json.dumps(TABLE, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / data_helper.TEMPLATES_PATH).write_text(json.dumps(TEMPLATES, ensure_ascii=False), encoding="utf-8")
+    assert data_helper.main([]) == 0
+    train = [r for _, r in utils.read_jsonl(tmp_path / utils.TRAIN_PATH)]
+    test = [r for _, r in utils.read_jsonl(tmp_path / utils.TEST_PATH)]
+    assert {r["source"] for r in train} == {"attribute", "rolebench_general", "rolebench_role_specific"}
+    assert test and "--max_replies" in capsys.readouterr().out  # 3 references, 2 kept by default
+
+
+def test_profiles_default_falls_back_to_the_published_profiles(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no data/profiles-zh_desc.json here
+    root = make_rolebench(tmp_path / "RoleBench", "published")
+    (root / "profiles-zh").mkdir()
+    (root / "profiles-zh" / "desc.json").write_text(json.dumps(PROFILES, ensure_ascii=False), encoding="utf-8")
+    assert data_helper.main(["--data_dir", str(root), "--attributes", "", "--output_dir", "out"]) == 0
+    assert f"profiles: {root / 'profiles-zh' / 'desc.json'}" in capsys.readouterr().out
+
+
+def test_main_cli_runs_as_a_script(tmp_path):
+    paths = make_inputs(tmp_path)
+    script = Path(data_helper.__file__)
+    proc = subprocess.run([sys.executable, str(script), *argv(paths)], capture_output=True, text=True,
+                          cwd=script.parent, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "records per role:" in proc.stdout
+    bad = dict(paths, profiles=tmp_path / "nope.json")
+    proc = subprocess.run([sys.executable, str(script), *argv(bad)], capture_output=True, text=True,
+                          cwd=script.parent, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzz: arbitrary strings in a RoleBench line give valid records or a clean DataError
+# ---------------------------------------------------------------------------------------------
+# hypothesis never draws surrogates from characters(): mix them in, with the characters that matter here
+# (the address comma, line breaks other than \n, a BOM, JSON punctuation)
+TRICKY = ["\ud800", "\udfff", "，", "\u2028", "\x85", "\r", "\n", "\ufeff", "{", "\\", "\"", " "]
+any_text = st.text(st.one_of(st.characters(codec=None), st.sampled_from(TRICKY)), max_size=30)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(question=any_text, answers=st.lists(any_text, max_size=3), ascii_only=st.booleans(),
+       strip=st.booleans())
+def test_fuzz_rolebench_line(question, answers, ascii_only, strip):
+    record = {"role": "皇帝", "question": question, "generated": answers, "type": "script_based"}
+    line = json.dumps(record, ensure_ascii=ascii_only)
+    if not line.isascii() and not _utf8_ok(line):  # a surrogate can only be written in its \\u form
+        line = json.dumps(record)
+    # what a JSON reader sees: "\\ud800\\udfff" is one character once parsed
+    question, answers = (json.loads(line)[k] for k in ("question", "generated"))
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        (data / "rolebench-zh_role_specific_train.jsonl").write_bytes(line.encode("utf-8") + b"\n")
+        opts = data_helper.Options(data_dir=str(data), profiles=_profiles_file(data), attributes="",
+                                   output_dir=str(data / "out"), strip_address=strip)
+        try:
+            train, test, _ = data_helper.build(opts)
+            data_helper.write_outputs(opts.output_dir, train, test)
+        except utils.DataError as e:
+            assert str(e).startswith(str(data)) and "\n" not in str(e).strip()
+            return
+        written = [r for _, r in utils.read_jsonl(data / "out" / "train.json")]
+        assert written == train and test == []
+        expected_q = data_helper.strip_address(question) if strip else question
+        assert all(r["input"] == expected_q and r["output"] in answers for r in written)
+
+
+def _utf8_ok(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _profiles_file(root: Path) -> str:
+    path = root / "profiles.json"
+    path.write_text(json.dumps(PROFILES, ensure_ascii=False), encoding="utf-8")
+    return str(path)
+
+
+@settings(max_examples=150, deadline=None)
+@given(raw=st.binary(max_size=80).map(lambda b: b.replace(b"\n", b" ")))  # one line, so the error is on line 1
+def test_fuzz_raw_bytes_line(raw):
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        (data / "rolebench-zh_general_train.jsonl").write_bytes(raw + b"\n" + GOOD.encode() + b"\n")
+        opts = data_helper.Options(data_dir=str(data), profiles=_profiles_file(data), attributes="",
+                                   output_dir=str(data / "out"))
+        try:
+            train, _, _ = data_helper.build(opts)
+        except utils.DataError as e:
+            assert ":1: " in str(e)
+            return
+        assert any(r["input"] == "好问题" for r in train)
+
+
+# ---------------------------------------------------------------------------------------------
+# Size: a RoleBench-sized synthetic input (~9k lines) builds; the summary prints the time taken
+# ---------------------------------------------------------------------------------------------
+def synthetic_rolebench(root: Path, lines: int = 9000) -> Path:
+    """Files shaped like RoleBench-zh (general ~80%, role-specific ~20%; train ~80%; 1-5 references)."""
+    roles = ["孙悟空", "李白", "皇帝"]
+    sizes = {("general", "train"): int(lines * 0.65), ("general", "test"): int(lines * 0.16),
+             ("role_specific", "train"): int(lines * 0.165), ("role_specific", "test"): int(lines * 0.025)}
+    for (kind, split), n in sizes.items():
+        recs = [{"role": roles[i % len(roles)], "question": f"称呼，第{i % (n // 3 + 1)}个{kind}{split}问题：" + "字" * (i % 40),
+                 "generated": [f"回答{j}" + "嗯" * ((i * 7 + j) % 200) for j in range(1 + i % 5)]} for i in range(n)]
+        dump_jsonl(rolebench_path(root, "flat", kind, split), recs)
+    return root
+
+
+def test_synthetic_rolebench_sized_input(tmp_path, capsys):
+    paths = make_inputs(tmp_path)
+    synthetic_rolebench(paths["data_dir"])
+    profiles = {**PROFILES}
+    paths["profiles"].write_text(json.dumps(profiles, ensure_ascii=False), encoding="utf-8")
+    train, test = run_ok(paths, "--strip_address")
+    assert len(train) > 9000 and len(test) > 1000
+    out = capsys.readouterr().out
+    assert "wrote " in out
+    print(out.splitlines()[-1], file=sys.stderr)  # shows the elapsed time with pytest -s

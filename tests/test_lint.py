@@ -1,0 +1,17 @@
+"""The code base stays ruff-clean (the README's test command runs this too)."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_ruff_clean() -> None:
+    if shutil.which("ruff") is None:
+        pytest.skip("ruff not installed (pip install -r requirements.txt)")
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

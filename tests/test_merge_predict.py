@@ -1,0 +1,492 @@
+"""Tests for merge_params.py, predict.py and the Inference section of utils.py (CPU, tiny models).
+
+Checkpoints are built the way train.py builds them (its own `load_model`, i.e. the same LoRA
+targets, pad-token resize and PEFT save), with random LoRA B matrices so that the adapter visibly
+changes the logits; no DeepSpeed run is needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+utils = importlib.import_module("utils")
+predict = importlib.import_module("predict")
+merge_params = importlib.import_module("merge_params")
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+PROFILES = {"孙悟空": "齐天大圣，性格急躁", "李白": "唐代诗人，爱喝酒", "华妃": "后宫妃子"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _few_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(min(previous, 4))
+    yield
+    torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: tiny bases, train.py-style checkpoints, merged models
+# ---------------------------------------------------------------------------------------------
+def make_checkpoint(base: Path, out: Path, train_mode: str = "lora", seed: int = 0) -> Path:
+    """A checkpoint folder as train.py writes it (adapter, tokenizer, run_config.json), random LoRA B."""
+    import train
+
+    args = train.parse_args(["--model_name_or_path", str(base), "--train_mode", train_mode, "--output_dir", str(out)])
+    tokenizer = train.load_tokenizer(str(base))
+    torch.manual_seed(seed)
+    model, report = train.load_model(args, torch.device("cpu"), torch.float32, tokenizer)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.normal_(0.0, 0.05)
+    out.mkdir(parents=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    utils.write_json(out / utils.RUN_CONFIG_NAME, {"base_model": str(base.resolve()), "train_mode": train_mode,
+                                                   "resized_embeddings": report["resized"],
+                                                   "lora_target_modules": report["targets"]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny Qwen2 without a pad token (train.py adds one and resizes), its checkpoint and merged model."""
+    from tests.tiny_qwen2 import make_tiny_qwen2
+
+    root = tmp_path_factory.mktemp("qwen")
+    base = make_tiny_qwen2(root / "base")
+    ckpt = make_checkpoint(base, root / "ckpt" / "epoch-1-step-3", "lora")
+    merged = root / "merged"
+    assert merge_params.main(["--model_dir", str(ckpt), "--save_model_dir", str(merged)]) == 0
+    return {"base": base, "ckpt": ckpt, "merged": merged}
+
+
+@pytest.fixture(scope="module")
+def baichuan_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny Baichuan2, a QLoRA checkpoint of it, and the merged model."""
+    pytest.importorskip("baichuan")
+    pytest.importorskip("bitsandbytes")
+    from tests.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("baichuan")
+    base = make_tiny_model(root / "base")
+    ckpt = make_checkpoint(base, root / "ckpt" / "epoch-1-step-3", "qlora", seed=1)
+    merged = root / "merged"
+    assert merge_params.main(["--model_dir", str(ckpt), "--save_model_dir", str(merged)]) == 0
+    return {"base": base, "ckpt": ckpt, "merged": merged}
+
+
+@pytest.fixture(params=["qwen", "baichuan"])
+def models(request: pytest.FixtureRequest) -> dict[str, Path]:
+    return request.getfixturevalue("qwen" if request.param == "qwen" else "baichuan_models")
+
+
+def logits(model, ids: list[int]):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+MESSAGES = [
+    [{"role": "system", "content": utils.build_system_prompt("孙悟空", PROFILES["孙悟空"])},
+     {"role": "user", "content": "你好，你是谁？"}],
+    [{"role": "user", "content": "刻晴使用什么元素？"}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": "Hello world! 1 + 2 = 3"},
+     {"role": "assistant", "content": "我叫旅行者"}, {"role": "user", "content": "今天天气很好，我们一起去花果山吧！"}],
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# merge_params.py
+# ---------------------------------------------------------------------------------------------
+def test_merge_equals_base_plus_adapter(models: dict[str, Path]) -> None:
+    """Merged logits == base+adapter logits (independently recomputed here), and the folder is complete."""
+    from transformers import AutoModelForCausalLM
+
+    merged_dir = models["merged"]
+    names = {p.name for p in merged_dir.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer_config.json", "run_config.json"} <= names
+    assert any(n.endswith(".safetensors") for n in names) and not any(n.endswith(".bin") for n in names)
+    assert "adapter_config.json" not in names
+    record = json.loads((merged_dir / "run_config.json").read_text(encoding="utf-8"))
+    assert record["adapter"] == str(models["ckpt"].resolve()) and record["dtype"] == "fp32"
+    check = record["merge_check"]
+    assert check["max_abs_diff"] <= check["tolerance"] and check["adapter_effect"] > 100 * check["tolerance"]
+
+    adapted, tok = utils.load_model_for_inference(str(models["ckpt"]), device="cpu")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()  # plain Auto class (baichuan registered)
+    assert type(merged).__name__ in ("Qwen2ForCausalLM", "BaichuanForCausalLM")
+    assert merged.get_input_embeddings().weight.shape[0] == len(tok)
+    gc = utils.generation_config_for(adapted)
+    for messages in MESSAGES:
+        ids = utils.chat_prompt_ids(adapted, tok, messages, gc)
+        ref = logits(adapted, ids)
+        with adapted.disable_adapter():
+            base = logits(adapted, ids)
+        assert (ref - base).abs().max() > 1e-2  # the adapter matters
+        torch.testing.assert_close(logits(merged, ids), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_merged_baichuan_loads_with_its_class(baichuan_models: dict[str, Path]) -> None:
+    from baichuan import BaichuanForCausalLM
+
+    model = BaichuanForCausalLM.from_pretrained(baichuan_models["merged"])
+    assert model.config.model_type == "baichuan"
+
+
+def test_adapter_and_merged_give_same_greedy_replies(models: dict[str, Path]) -> None:
+    adapted, tok_a = utils.load_model_for_inference(str(models["ckpt"]), device="cpu")
+    merged, tok_m = utils.load_model_for_inference(str(models["merged"]), device="cpu")
+    assert len(tok_a) == len(tok_m)
+    ga = utils.generation_config_for(adapted, do_sample=False, max_new_tokens=12)
+    gm = utils.generation_config_for(merged, do_sample=False, max_new_tokens=12)
+    assert utils.generate_batch(adapted, tok_a, MESSAGES, ga) == utils.generate_batch(merged, tok_m, MESSAGES, gm)
+
+
+def test_merge_refuses_nonempty_output_without_overwrite(qwen: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    argv = ["--model_dir", str(qwen["ckpt"]), "--save_model_dir", str(out)]
+    assert utils.run_main(merge_params.main, argv) == 2
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    # an output overlapping the inputs is refused even with --overwrite
+    assert utils.run_main(merge_params.main, ["--model_dir", str(qwen["ckpt"]), "--save_model_dir",
+                                              str(qwen["ckpt"]), "--overwrite"]) == 2
+    assert (qwen["ckpt"] / "adapter_config.json").is_file()
+    assert merge_params.main([*argv, "--overwrite"]) == 0
+    assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
+
+
+def test_merge_failed_check_leaves_no_folder(qwen: dict[str, Path], tmp_path: Path, monkeypatch, capsys) -> None:
+    real = merge_params.check_saved
+
+    def broken(*args, **kwargs):
+        return real(*args, **kwargs) | {"max_abs_diff": 1e9}
+
+    monkeypatch.setattr(merge_params, "check_saved", broken)
+    out = tmp_path / "merged"
+    assert merge_params.main(["--model_dir", str(qwen["ckpt"]), "--save_model_dir", str(out)]) == 1
+    assert "error: merged model differs" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a temporary one
+
+
+def test_merge_interrupted_save_leaves_no_folder(qwen: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    def killed(model, tokenizer, folder):
+        model.save_pretrained(folder)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge_params, "save_model", killed)
+    out = tmp_path / "merged"
+    assert utils.run_main(merge_params.main, ["--model_dir", str(qwen["ckpt"]), "--save_model_dir", str(out)]) == 130
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_clear_errors(tmp_path: Path, qwen: dict[str, Path]) -> None:
+    assert utils.run_main(merge_params.main, ["--model_dir", str(tmp_path / "nope"),
+                                              "--save_model_dir", str(tmp_path / "o")]) == 2
+    assert utils.run_main(merge_params.main, ["--model_dir", str(qwen["base"]),  # a full model, not an adapter
+                                              "--save_model_dir", str(tmp_path / "o")]) == 2
+    with pytest.raises(utils.UserError, match="no config.json"):
+        utils.resolve_model_paths(str(tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(utils.UserError, match="no model weights"):
+        utils.resolve_model_paths(str(empty))
+    assert utils.resolve_model_paths(str(qwen["ckpt"])) == (str(qwen["base"].resolve()), str(qwen["ckpt"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# utils Inference: prompts, generation, streaming
+# ---------------------------------------------------------------------------------------------
+def test_record_prompt_equals_training_prompt(models: dict[str, Path]) -> None:
+    model, tok = utils.load_model_for_inference(str(models["merged"]), device="cpu")
+    gc = utils.generation_config_for(model)
+    for instruction in ("", utils.build_system_prompt("李白", PROFILES["李白"])):
+        record = {"instruction": instruction, "input": "你喜欢吃什么？", "output": "桃子"}
+        ids, labels, _ = utils.build_training_sample(tok, instruction, record["input"], record["output"], 400, 500,
+                                                     gc if hasattr(gc, "user_token_id") else None)
+        prompt = [i for i, lab in zip(ids, labels, strict=True) if lab == -100]
+        assert utils.chat_prompt_ids(model, tok, utils.record_messages(record), gc) == prompt
+
+
+def test_generate_batch_equals_per_row(models: dict[str, Path]) -> None:
+    model, tok = utils.load_model_for_inference(str(models["ckpt"]), device="cpu")
+    # a strong repetition penalty: left padding must not change what it penalises
+    gc = utils.generation_config_for(model, do_sample=False, max_new_tokens=10, repetition_penalty=1.5)
+    rows = [utils.chat_once(model, tok, m, gc) for m in MESSAGES]
+    stats: dict = {}
+    assert utils.generate_batch(model, tok, MESSAGES, gc, batch_size=3, stats=stats) == rows
+    assert utils.generate_batch(model, tok, MESSAGES[::-1], gc, batch_size=2) == rows[::-1]
+    assert 0 < stats["generated_tokens"] <= 3 * 10 and stats["seconds"] > 0
+
+
+def test_chat_stream_grows_to_chat_once_and_equals_model_chat(baichuan_models: dict[str, Path]) -> None:
+    model, tok = utils.load_model_for_inference(str(baichuan_models["merged"]), device="cpu")
+    gc = utils.generation_config_for(model, do_sample=False, max_new_tokens=16)
+    for messages in MESSAGES:
+        once = utils.chat_once(model, tok, messages, gc)
+        assert once == model.chat(tok, messages, generation_config=gc)  # Baichuan's own chat, same layout
+        stream = list(utils.chat_stream(model, tok, messages, gc))
+        assert stream[-1] == once
+        assert all(b.startswith(a) for a, b in zip(stream, stream[1:], strict=False))
+
+
+def test_chat_stream_close_stops_generation(qwen: dict[str, Path]) -> None:
+    import time
+
+    model, tok = utils.load_model_for_inference(str(qwen["merged"]), device="cpu")
+    gc = utils.generation_config_for(model, do_sample=False, max_new_tokens=150, min_new_tokens=150)
+    t0 = time.perf_counter()
+    assert len(utils.generate_batch(model, tok, [MESSAGES[0]], gc, stats=(stats := {}))) == 1
+    full = time.perf_counter() - t0
+    assert stats["generated_tokens"] == 150
+    gen = utils.chat_stream(model, tok, MESSAGES[0], gc)
+    t0 = time.perf_counter()
+    next(gen)
+    gen.close()  # stops generate after its current token instead of waiting for all 150
+    assert time.perf_counter() - t0 < full / 2
+
+
+def test_generation_config_overrides(models: dict[str, Path]) -> None:
+    model, _ = utils.load_model_for_inference(str(models["merged"]), device="cpu")
+    model.generation_config.update(temperature=0.3, top_k=5, top_p=0.85, repetition_penalty=1.05, do_sample=True)
+    gc = utils.generation_config_for(model, temperature=0.7, max_new_tokens=7, top_p=None)
+    assert (gc.temperature, gc.top_p, gc.top_k, gc.max_new_tokens, gc.do_sample) == (0.7, 0.85, 5, 7, True)
+    greedy = utils.generation_config_for(model, do_sample=False)
+    assert not greedy.do_sample and greedy.repetition_penalty == 1.05
+    assert (greedy.temperature, greedy.top_p, greedy.top_k) == (1.0, 1.0, 50)  # neutral, not inherited
+    assert utils.max_input_tokens(model, gc) == utils.context_length(model) - 7
+    assert model.generation_config.temperature == 0.3  # the model's own config is untouched
+
+
+# ---------------------------------------------------------------------------------------------
+# predict.py: metrics
+# ---------------------------------------------------------------------------------------------
+def dp_lcs(a: list[str], b: list[str]) -> int:
+    table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            table[i + 1][j + 1] = table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
+    return table[-1][-1]
+
+
+def ref_rouge(pred: str, ref: str) -> float:
+    import jieba
+
+    p = [w for w in jieba.lcut(pred.lower()) if w.strip()]
+    r = [w for w in jieba.lcut(ref.lower()) if w.strip()]
+    lcs = dp_lcs(p, r)
+    return 0.0 if lcs == 0 else 2 * lcs / (len(p) + len(r))  # F1 = 2PR/(P+R) = 2 LCS / (|p| + |r|)
+
+
+def test_rouge_l() -> None:
+    assert predict.rouge_l_f1("我是孙悟空，齐天大圣！", "我是孙悟空，齐天大圣！") == 1.0
+    assert predict.rouge_l_f1("apple banana", "cherry durian") == 0.0
+    assert predict.rouge_l_f1("", "abc") == 0.0
+    # [the cat sat on the mat] vs [the cat lay on a mat]: LCS the-cat-on-mat = 4, P = R = 4/6
+    assert predict.rouge_l_f1("the cat sat on the mat", "the cat lay on a mat") == pytest.approx(2 / 3)
+    # word lists: LCS(abcd, ace) = 2, P = 1/2, R = 2/3, F1 = 4/7
+    assert predict.rouge_l_f1(list("abcd"), list("ace")) == pytest.approx(4 / 7)
+    assert predict.best_rouge_l("the cat", ["a dog", "the cat"]) == 1.0
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        a = [rng.choice("abcde") for _ in range(rng.randint(0, 40))]
+        b = [rng.choice("abcdef") for _ in range(rng.randint(0, 40))]
+        assert predict.lcs_length(a, b) == dp_lcs(a, b)
+
+
+@pytest.mark.parametrize("reply, flagged", [
+    ("俺老孙是齐天大圣，你这妖怪休走！", None),
+    ("我是一个AI语言模型，无法回答这个问题。", "AI"),
+    ("作为一个人工智能助手，我不能这样做。", "AI"),
+    ("抱歉，我只是一个语言模型。", "AI"),
+    ("As an AI, I cannot do that.", "AI"),
+    ("I'm an assistant created to help.", "AI"),
+    ("我是孙悟空，不是什么人工智能！", None),
+    ("人工智能是一门研究让机器思考的学科。", None),
+    ("我是说这个主意不错。", None),
+    ("我是李白，字太白。", "role"),
+    ("朕乃皇帝，谁敢放肆！", "role"),
+    ("我是李白的忠实读者。", None),
+    ("我是Thailand来的客人。", None),
+])
+def test_out_of_character(reply: str, flagged: str | None) -> None:
+    reason = predict.out_of_character(reply, "孙悟空", ["孙悟空", "李白", "皇帝", "华妃"])
+    if flagged is None:
+        assert reason is None
+    elif flagged == "AI":
+        assert reason is not None and reason.startswith("claims to be an AI")
+    else:
+        assert reason is not None and reason.startswith("calls itself another role")
+    assert predict.out_of_character("我是孙悟空！", "孙悟空", ["孙悟空", "李白"]) is None  # own name is fine
+
+
+def test_compute_metrics_hand_values() -> None:
+    records = [
+        {"role": "孙悟空", "source": "rolebench_general", "input": "q", "output": "x",
+         "references": ["俺老孙 来 也", "完全 不同 的 话"]},
+        {"role": "孙悟空", "source": "rolebench_role_specific", "input": "q", "output": "apple banana"},
+        {"role": "李白", "source": "rolebench_general", "input": "q", "output": "the cat lay on a mat"},
+        {"role": "刻晴", "source": "attribute", "attribute": "元素", "fact": "雷", "template_set": "heldout"},
+        {"role": "钟离", "source": "attribute", "attribute": "元素", "fact": "岩", "template_set": "novel"},
+        {"role": "钟离", "source": "attribute", "attribute": "国籍", "fact": "璃月", "template_set": "novel"},
+    ]
+    preds = ["俺老孙 来 也", "我是一个AI，cherry durian", "the cat sat on the mat", "刻晴用雷元素", "钟离用火", "他来自璃月"]
+    m = predict.compute_metrics(records, preds, ["孙悟空", "李白"], {"generated_tokens": 30, "seconds": 2.0})
+    assert m["rouge_l"]["per_role"]["孙悟空"] == {"mean": pytest.approx(0.5), "n": 2}  # (1 + 0) / 2
+    assert m["rouge_l"]["per_role"]["李白"]["mean"] == pytest.approx(2 / 3)
+    assert m["rouge_l"]["overall"] == pytest.approx((1 + 0 + 2 / 3) / 3)
+    acc = m["attribute_accuracy"]
+    assert acc["overall"] == {"accuracy": pytest.approx(2 / 3), "correct": 2, "n": 3}
+    assert acc["per_attribute"]["元素"]["accuracy"] == 0.5 and acc["per_attribute"]["国籍"]["accuracy"] == 1.0
+    assert acc["per_template_set"]["heldout"]["accuracy"] == 1.0 and acc["per_template_set"]["novel"]["correct"] == 1
+    assert m["out_of_character"]["rate"] == pytest.approx(1 / 3) and m["out_of_character"]["n"] == 3
+    assert m["out_of_character"]["per_role"]["孙悟空"]["flagged"] == 1
+    assert m["generation"]["tokens_per_s"] == 15.0
+
+
+# ---------------------------------------------------------------------------------------------
+# predict.py: batch and interactive modes
+# ---------------------------------------------------------------------------------------------
+def write_test_file(path: Path) -> list[dict]:
+    records = []
+    for role, q in [("孙悟空", "你好"), ("孙悟空", "你的金箍棒有多重？"), ("李白", "写一首关于月亮的诗。")]:
+        records.append({"instruction": utils.build_system_prompt(role, PROFILES[role]), "input": q,
+                        "output": "俺老孙来也", "role": role, "source": "rolebench_general", "split": "test",
+                        "references": ["俺老孙来也", "我是孙悟空，齐天大圣。"]})
+    records[-1].pop("references")  # scored against `output`
+    for name, attr, fact, ts in [("刻晴", "元素", "雷", "heldout"), ("钟离", "元素", "岩", "novel"),
+                                 ("钟离", "国籍", "璃月", "novel")]:
+        records.append({"instruction": "", "input": f"{name}的{attr}是什么？", "output": f"{name}的{attr}是{fact}。",
+                        "role": name, "source": "attribute", "attribute": attr, "fact": fact, "template_set": ts})
+    utils.write_jsonl(path, records)
+    return records
+
+
+def test_predict_batch(qwen: dict[str, Path], tmp_path: Path, capsys) -> None:
+    test_file = tmp_path / "test.json"
+    records = write_test_file(test_file)
+    profiles = tmp_path / "profiles.json"
+    profiles.write_text(json.dumps(PROFILES, ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "preds.jsonl"
+    argv = ["--model_path", str(qwen["merged"]), "--test_path", str(test_file), "--output_path", str(out),
+            "--desc_path", str(profiles), "--batch_size", "4", "--max_new_tokens", "12", "--device", "cpu"]
+    assert predict.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "ROUGE-L" in printed and "tokens/s" in printed and "out-of-character" in printed
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [{k: v for k, v in r.items() if k != "prediction"} for r in rows] == records
+    preds = [r["prediction"] for r in rows]
+
+    # greedy batch predictions == one-by-one chat_once on the same records
+    model, tok = utils.load_model_for_inference(str(qwen["merged"]), device="cpu")
+    gc = utils.generation_config_for(model, do_sample=False, max_new_tokens=12)
+    assert preds == [utils.chat_once(model, tok, utils.record_messages(r), gc) for r in records]
+
+    m = json.loads((tmp_path / "preds.metrics.json").read_text(encoding="utf-8"))
+    # independent recomputation: DP LCS ROUGE-L, plain counting
+    expected = {role: [] for role in ("孙悟空", "李白")}
+    for r, p in zip(records[:3], preds[:3], strict=True):
+        expected[r["role"]].append(max(ref_rouge(p, ref) for ref in r.get("references", [r["output"]])))
+    for role, scores in expected.items():
+        assert m["rouge_l"]["per_role"][role]["mean"] == pytest.approx(sum(scores) / len(scores))
+        assert m["rouge_l"]["per_role"][role]["n"] == len(scores)
+    assert m["rouge_l"]["overall"] == pytest.approx(sum(sum(v) for v in expected.values()) / 3)
+    hits = [r["fact"] in p for r, p in zip(records[3:], preds[3:], strict=True)]
+    assert m["attribute_accuracy"]["overall"]["correct"] == sum(hits)
+    assert m["attribute_accuracy"]["per_attribute"]["元素"]["n"] == 2
+    assert m["attribute_accuracy"]["per_attribute"]["国籍"]["correct"] == int(hits[2])
+    assert m["attribute_accuracy"]["per_template_set"]["novel"]["n"] == 2
+    assert m["attribute_accuracy"]["per_template_set"]["heldout"]["correct"] == int(hits[0])
+    flagged = sum(predict.out_of_character(p, r["role"], PROFILES) is not None for r, p in zip(records[:3], preds[:3],
+                                                                                             strict=True))
+    assert m["out_of_character"]["n"] == 3 and m["out_of_character"]["rate"] == pytest.approx(flagged / 3)
+    gen = m["generation"]
+    assert 6 <= gen["generated_tokens"] <= 6 * 12 and gen["tokens_per_s"] > 0 and gen["do_sample"] is False
+
+    # --limit
+    assert predict.main([*argv, "--limit", "2"]) == 0
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 2
+
+
+def test_predict_interactive(qwen: dict[str, Path], tmp_path: Path, monkeypatch, capsys) -> None:
+    profiles = tmp_path / "profiles.json"
+    profiles.write_text(json.dumps(PROFILES, ensure_ascii=False), encoding="utf-8")
+    script = "9\n2\n你好\n你是谁？\n/reset\n你好\n/role 孙悟空\n/role 不存在\n你好\n"  # then EOF
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    argv = ["--model_path", str(qwen["ckpt"]), "--desc_path", str(profiles), "--max_new_tokens", "8",
+            "--no-do_sample", "--device", "cpu"]
+    assert predict.main(argv) == 0
+    out = capsys.readouterr().out
+
+    model, tok = utils.load_model_for_inference(str(qwen["ckpt"]), device="cpu")
+    gc = utils.generation_config_for(model, do_sample=False, max_new_tokens=8)
+
+    def reply(role: str, history: list[dict]) -> str:
+        system = {"role": "system", "content": utils.role_system_prompt(role, PROFILES)}
+        return utils.chat_once(model, tok, [system, *history], gc)
+
+    first = reply("李白", [{"role": "user", "content": "你好"}])
+    second = reply("李白", [{"role": "user", "content": "你好"}, {"role": "assistant", "content": first},
+                           {"role": "user", "content": "你是谁？"}])
+    wukong = reply("孙悟空", [{"role": "user", "content": "你好"}])
+    assert "unknown role '9'" in out and "unknown role '不存在'" in out
+    replies = [line.split("user: ")[-1] for line in out.splitlines() if ": " in line and not line.startswith("[")]
+    spoken = [r for r in replies if r.startswith(("李白: ", "孙悟空: "))]
+    # after /reset the first question gets the first answer again; /role switches the speaker
+    assert spoken == [f"李白: {first}", f"李白: {second}", f"李白: {first}", f"孙悟空: {wukong}"]
+    assert "history cleared" in out and out.rstrip().endswith("bye")
+
+
+def test_predict_interactive_piped_stdin(qwen: dict[str, Path], tmp_path: Path) -> None:
+    """The real CLI with a pipe: role by name, one turn, EOF quits with status 0."""
+    profiles = tmp_path / "profiles.json"
+    profiles.write_text(json.dumps(PROFILES, ensure_ascii=False), encoding="utf-8")
+    proc = subprocess.run([sys.executable, "predict.py", "--model_path", str(qwen["merged"]), "--desc_path",
+                           str(profiles), "--max_new_tokens", "4", "--device", "cpu"],
+                          input="华妃\n你好\n", capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "华妃: " in proc.stdout and proc.stdout.rstrip().endswith("bye")
+
+
+@pytest.mark.parametrize("case", ["missing", "not_utf8", "malformed", "no_input", "unknown_role", "no_output"])
+def test_predict_bad_input(case: str, tmp_path: Path) -> None:
+    """One `error:` line and exit status 2, before any model is loaded."""
+    test_file = tmp_path / "test.json"
+    profiles = tmp_path / "profiles.json"
+    profiles.write_text(json.dumps(PROFILES, ensure_ascii=False), encoding="utf-8")
+    argv = ["--test_path", str(test_file), "--output_path", str(tmp_path / "p.jsonl")]
+    if case == "not_utf8":
+        test_file.write_bytes('{"instruction": "", "input": "你好"}\n'.encode("gbk"))
+    elif case == "malformed":
+        test_file.write_text('{"instruction": "", "input": "a"}\n{"instruction": \n', encoding="utf-8")
+    elif case == "no_input":
+        test_file.write_text('{"instruction": "", "output": "a"}\n', encoding="utf-8")
+    elif case == "unknown_role":
+        argv = ["--desc_path", str(profiles), "--role", "赵子龙"]
+    elif case == "no_output":
+        test_file.write_text('{"instruction": "", "input": "a"}\n', encoding="utf-8")
+        argv = ["--test_path", str(test_file)]
+    proc = subprocess.run([sys.executable, "predict.py", "--model_path", str(tmp_path / "no-model"), *argv],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    if case in ("not_utf8", "malformed", "no_input"):
+        assert f"{test_file}:" in lines[0]
+    assert not (tmp_path / "p.jsonl").exists()

@@ -1,0 +1,457 @@
+"""End-to-end tests of train.py on CPU: real subprocesses (plain `python train.py` for one process,
+the DeepSpeed launcher for two), tiny models, tiny data written to tmp dirs.
+
+Most runs use the tiny Qwen2 model of tests/tiny_qwen2.py (no pad token: exercises the resize
+path); the Baichuan variant uses the `tiny_model_dir` fixture of tests/conftest.py and skips while
+`baichuan` (or that fixture) does not exist. Every child runs with OMP_NUM_THREADS=1 in its own
+tmp cwd and its own master port.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "train.py"
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+train = importlib.import_module("train")  # top level imports only utils: cheap
+utils = importlib.import_module("utils")
+tiny_qwen2 = importlib.import_module("tiny_qwen2")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROLES = [("刻晴", "璃月七星之一的玉衡星，使用雷元素"), ("孙悟空", "齐天大圣，会七十二变"), ("钟离", "往生堂客卿，岩元素")]
+QUESTIONS = ["你好，请问你是谁？", "你会用什么元素？", "今天天气很好，我们一起去吧！", "你喜欢吃什么？"]
+ANSWERS = ["我是{role}。", "{role}使用雷元素，今天天气很好。", "我喜欢吃桃子，你好！", "问题 回答 角色 性格 身份"]
+# small, quick settings shared by the runs (prompts fit max_src_len; some answers get cut at max_len)
+COMMON = ["--max_len", "80", "--max_src_len", "56", "--per_device_train_batch_size", "2",
+          "--learning_rate", "3e-3", "--weight_decay", "0.0", "--warmup_ratio", "0.1",
+          "--lora_dim", "8", "--lora_alpha", "16", "--per_device_eval_batch_size", "4"]
+RUN_TIMEOUT = 300
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def write_records(path: Path, n: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        role, desc = rng.choice(ROLES)
+        answer = rng.choice(ANSWERS).format(role=role) * rng.randint(1, 3)
+        record = {"instruction": f"你是{role}，{desc[: rng.randint(4, len(desc))]}。", "input": rng.choice(QUESTIONS),
+                  "output": answer}
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(port: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+               MASTER_PORT=str(port), PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+def train_cmd(args: list[str], nproc: int = 1, port: int = 0) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, str(TRAIN), *args]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port),
+            str(TRAIN), *args]
+
+
+def run_train(cwd: Path, args: list[str], nproc: int = 1, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    port = free_port()
+    proc = subprocess.run(train_cmd([str(a) for a in args], nproc, port), cwd=cwd, env=child_env(port, **env),
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    if check:
+        assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def newest_checkpoint(output_dir: Path) -> Path:
+    ckpts = train.list_checkpoints(str(output_dir))
+    assert ckpts, f"no complete checkpoint in {output_dir}: {sorted(p.name for p in output_dir.iterdir())}"
+    return ckpts[-1][1]
+
+
+def train_history(ckpt: Path) -> list[tuple[int, float]]:
+    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    return [(int(s), float(v)) for s, v in state["history"]["train"]]
+
+
+def adapter(ckpt: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt / "adapter_model.safetensors"))
+
+
+def assert_tensors_close(a: dict, b: dict, rtol: float, atol: float) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=rtol, atol=atol), (
+            k, (a[k].float() - b[k].float()).abs().max().item())
+
+
+def ds_config_file(tmp: Path, name: str = "ds.json", **edits) -> Path:
+    """The repo's DeepSpeed config with dotted-key edits, written to tmp."""
+    cfg = json.loads((REPO / "ds_zero2_no_offload.json").read_text(encoding="utf-8"))
+    for dotted, value in edits.items():
+        node = cfg
+        *parents, last = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    path = tmp / name
+    path.write_text(json.dumps(cfg), encoding="utf-8")
+    return path
+
+
+def walk_values(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from walk_values(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from walk_values(v)
+    else:
+        yield obj
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> dict[str, Path]:
+    """The tiny Qwen2 model (no pad token), train/test data, an fp32 DeepSpeed config."""
+    root = tmp_path_factory.mktemp("train")
+    return {
+        "root": root,
+        "model": tiny_qwen2.make_tiny_qwen2(root / "qwen2"),
+        "train": write_records(root / "train.json", 24, seed=0),
+        "test": write_records(root / "test.json", 6, seed=1),
+        "ds_fp32": ds_config_file(root, "ds_fp32.json", bf16__enabled=False),
+    }
+
+
+def base_args(work: dict[str, Path], out: Path, *extra) -> list:
+    return ["--model_name_or_path", work["model"], "--train_path", work["train"], "--test_path", work["test"],
+            "--output_dir", out, *COMMON, *extra]
+
+
+@pytest.fixture(scope="module")
+def reference_run(work) -> dict:
+    """Uninterrupted QLoRA run (the recipe's mode and DeepSpeed config): 2 epochs x 6 steps, eval per
+    epoch, lora_dropout 0.1 (so the RNG state matters for the resume test)."""
+    cwd = work["root"] / "ref-cwd"
+    cwd.mkdir()
+    out = work["root"] / "ref"
+    args = base_args(work, out, "--gradient_accumulation_steps", "2", "--num_train_epochs", "2",
+                     "--lora_dropout", "0.1", "--ds_file", REPO / "ds_zero2_no_offload.json")
+    proc = run_train(cwd, args)
+    return {"args": args, "out": out, "cwd": cwd, "proc": proc, "ckpt": newest_checkpoint(out)}
+
+
+# ---------------------------------------------------------------------------------------------
+# in-process pieces: DeepSpeed config resolution, checkpoint listing
+# ---------------------------------------------------------------------------------------------
+def test_resolve_ds_config_fills_auto_and_rejects_contradictions():
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 4,
+          "optimizer": {"params": {"lr": 1e-4, "weight_decay": "auto"}}}
+    out = train.resolve_ds_config(ds, "x.json", {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4,
+                                                 "optimizer.params.lr": 1e-4, "optimizer.params.weight_decay": 0.1,
+                                                 "bf16.enabled": False})
+    assert out["train_micro_batch_size_per_gpu"] == 2 and out["optimizer"]["params"]["weight_decay"] == 0.1
+    assert out["bf16"] == {"enabled": False}  # missing keys are added
+    assert ds["train_micro_batch_size_per_gpu"] == "auto"  # input untouched
+    with pytest.raises(utils.UserError, match=r"x\.json: gradient_accumulation_steps is 4 but the flags give 2"):
+        train.resolve_ds_config(ds, "x.json", {"gradient_accumulation_steps": 2})
+    with pytest.raises(utils.UserError, match="optimizer.params.lr"):
+        train.resolve_ds_config(ds, "x.json", {"optimizer.params.lr": 3e-4})
+
+
+def test_build_ds_config_leaves_no_auto_in_repo_config():
+    args = train.parse_args(["--ds_file", str(REPO / "ds_zero2_no_offload.json"), "--gradient_accumulation_steps", "3",
+                             "--per_device_train_batch_size", "5"])
+    cfg = train.build_ds_config(args, world_size=2, total_steps=100, bf16=True)
+    assert "auto" not in list(walk_values(cfg))
+    assert cfg["train_batch_size"] == 5 * 3 * 2
+    assert cfg["scheduler"]["params"]["warmup_num_steps"] == 3  # ceil(100 * 0.03)
+    assert cfg["zero_optimization"]["stage"] == 2
+
+
+def test_list_checkpoints_ignores_temp_and_incomplete_folders(tmp_path):
+    for name in ["epoch-1-step-4", "epoch-2-step-10", ".tmp-epoch-2-step-12", "epoch-2-step-11", "runs"]:
+        (tmp_path / name).mkdir()
+    for name in ["epoch-1-step-4", "epoch-2-step-10", ".tmp-epoch-2-step-12", "runs"]:
+        (tmp_path / name / utils.RUN_CONFIG_NAME).write_text("{}")
+    assert [(s, p.name) for s, p in train.list_checkpoints(str(tmp_path))] == [
+        (4, "epoch-1-step-4"), (10, "epoch-2-step-10")]
+    assert train.list_checkpoints(str(tmp_path / "missing")) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# data parallel: 2 processes under ZeRO-2 == 1 process with gradient accumulation
+# ---------------------------------------------------------------------------------------------
+def test_two_process_zero2_matches_one_process_grad_accum(work):
+    """Same global batch (1 x 2 x accum 2 vs 2 x 2 x accum 1), fp32, no dropout: same loss curve and
+    the same adapter. The sampler gives rank r at accumulation step a the micro-batch a*world+r."""
+    runs = {}
+    for nproc, accum in [(1, 2), (2, 1)]:
+        cwd = work["root"] / f"dp{nproc}-cwd"
+        cwd.mkdir()
+        out = work["root"] / f"dp{nproc}"
+        args = base_args(work, out, "--gradient_accumulation_steps", accum, "--lora_dropout", "0.0",
+                         "--ds_file", work["ds_fp32"], "--test_path", "")
+        proc = run_train(cwd, args, nproc=nproc)
+        runs[nproc] = newest_checkpoint(out)
+        cfg = json.loads((runs[nproc] / utils.RUN_CONFIG_NAME).read_text(encoding="utf-8"))
+        assert cfg["world_size"] == nproc and cfg["global_batch_size"] == 4 and cfg["precision"] == "fp32"
+        assert cfg["deepspeed_config"]["gradient_accumulation_steps"] == accum
+        if nproc == 2:
+            assert "world size 2" in proc.stdout or cfg["world_size"] == 2
+    one, two = train_history(runs[1]), train_history(runs[2])
+    assert [s for s, _ in one] == list(range(1, 7)) == [s for s, _ in two]
+    losses1, losses2 = [v for _, v in one], [v for _, v in two]
+    assert max(losses1) - min(losses1) > 1e-3, losses1  # the curve moves: equality is not trivial
+    assert losses1 == pytest.approx(losses2, rel=1e-4, abs=1e-5)
+    assert_tensors_close(adapter(runs[1]), adapter(runs[2]), rtol=1e-3, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# kill and resume
+# ---------------------------------------------------------------------------------------------
+def test_kill_and_resume_matches_uninterrupted(work, reference_run, tmp_path):
+    out = tmp_path / "killed"
+    args = [*reference_run["args"], "--save_model_step", "3"]
+    args[args.index("--output_dir") + 1] = out
+    port = free_port()
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen(train_cmd([str(a) for a in args]), cwd=tmp_path, env=child_env(port), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while proc.poll() is None and not train.list_checkpoints(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    log.close()
+    ckpts = train.list_checkpoints(str(out))
+    assert ckpts, (tmp_path / "killed.log").read_text()
+    # If the run outpaced the kill, drop the later checkpoints: the disk then looks like a kill right
+    # after the first one.
+    for _, later in ckpts[1:]:
+        import shutil
+
+        shutil.rmtree(later)
+    first_step = ckpts[0][0]
+    assert first_step == 3
+    # a save that was killed half-way: a temp folder that even looks complete must be ignored
+    junk = out / ".tmp-epoch-2-step-11"
+    (junk / "ds_state").mkdir(parents=True)
+    (junk / utils.RUN_CONFIG_NAME).write_text("{}")
+    (junk / "trainer_state.json").write_text('{"global_step": 11}')
+
+    resumed = run_train(tmp_path, [*args, "--resume"])
+    assert re.search(r"resumed from .*epoch-1-step-3 \(global step 3\)", resumed.stdout), resumed.stdout[-3000:]
+    final = newest_checkpoint(out)
+    ref = reference_run["ckpt"]
+    assert final.name == ref.name == "epoch-2-step-12"
+    expected, got = train_history(ref), train_history(final)
+    assert [s for s, _ in got] == [s for s, _ in expected] == list(range(1, 13))
+    assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-5, abs=1e-6)
+    ref_state = json.loads((ref / "trainer_state.json").read_text(encoding="utf-8"))
+    got_state = json.loads((final / "trainer_state.json").read_text(encoding="utf-8"))
+    assert len(got_state["history"]["eval"]) == len(ref_state["history"]["eval"]) == 2
+    assert [v for _, v in got_state["history"]["eval"]] == pytest.approx(
+        [v for _, v in ref_state["history"]["eval"]], rel=1e-5)
+    assert_tensors_close(adapter(final), adapter(ref), rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# what a checkpoint holds
+# ---------------------------------------------------------------------------------------------
+def test_checkpoint_has_what_merge_and_predict_need(work, reference_run):
+    from transformers import AutoTokenizer
+
+    out, ckpt = reference_run["out"], reference_run["ckpt"]
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", utils.RUN_CONFIG_NAME,
+            "trainer_state.json", "loss.png"} <= names, names
+    assert "tokenizer.json" in names or "tokenizer.model" in names
+    assert (ckpt / "ds_state" / "state").is_dir()  # what --resume loads
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    assert tok.pad_token_id is not None and tok.eos_token_id is not None
+
+    cfg = json.loads((ckpt / utils.RUN_CONFIG_NAME).read_text(encoding="utf-8"))
+    assert cfg["base_model"] == str(Path(work["model"]).resolve())
+    assert cfg["train_mode"] == "qlora"
+    assert (cfg["lora_dim"], cfg["lora_alpha"], cfg["lora_dropout"]) == (8, 16, 0.1)
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= set(cfg["lora_target_modules"])
+    ds = cfg["deepspeed_config"]
+    assert "auto" not in list(walk_values(ds)), ds
+    assert ds["train_batch_size"] == cfg["global_batch_size"] == 4
+    assert ds["optimizer"]["params"]["lr"] == pytest.approx(3e-3)
+    assert cfg["precision"] == ("bf16" if ds["bf16"]["enabled"] else "fp32")
+    assert cfg["total_steps"] == 12 and cfg["world_size"] == 1
+
+    adapter_cfg = json.loads((ckpt / "adapter_config.json").read_text(encoding="utf-8"))
+    assert adapter_cfg["r"] == 8 and adapter_cfg["lora_alpha"] == 16
+    for png in (out / "loss.png", ckpt / "loss.png"):
+        assert png.read_bytes()[:8] == PNG_MAGIC, png
+    # the repo's images/ copy is opt-in (train.sh passes --plot_to_images): nothing lands in the cwd
+    assert not (reference_run["cwd"] / "images").exists()
+
+
+def test_qwen2_without_pad_token_gets_one_and_adapter_saves_embeddings(work, reference_run):
+    from transformers import AutoConfig, AutoTokenizer
+
+    base_tok = AutoTokenizer.from_pretrained(work["model"])
+    assert base_tok.pad_token_id is None  # the premise
+    vocab = AutoConfig.from_pretrained(work["model"]).vocab_size
+    ckpt = reference_run["ckpt"]
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    assert tok.pad_token_id == vocab and len(tok) == vocab + 1
+    cfg = json.loads((ckpt / utils.RUN_CONFIG_NAME).read_text(encoding="utf-8"))
+    assert cfg["resized_embeddings"] is True
+    assert {"embed_tokens", "lm_head"} <= set(cfg["lora_target_modules"])
+    weights = adapter(ckpt)
+    embed = [k for k in weights if "embed_tokens" in k and k.endswith("base_layer.weight")]
+    head = [k for k in weights if "lm_head" in k and k.endswith("base_layer.weight")]
+    assert embed and head, sorted(weights)
+    # the saved embedding/head matrices have the new pad row: merging can rebuild the resized model
+    assert weights[embed[0]].shape[0] == weights[head[0]].shape[0] == vocab + 1
+    assert any("lora_embedding_A" in k for k in weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# modes
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_modes_train_and_save(work, tmp_path, mode):
+    import torch
+
+    out = tmp_path / "out"
+    proc = run_train(tmp_path, base_args(work, out, "--train_mode", mode, "--max_steps", "3", "--test_path", "",
+                                         "--gradient_accumulation_steps", "1", "--ds_file", work["ds_fp32"],
+                                         "--plot_to_images"))
+    assert f"mode {mode}:" in proc.stdout
+    ckpt = newest_checkpoint(out)
+    assert ckpt.name == "epoch-1-step-3"
+    cfg = json.loads((ckpt / utils.RUN_CONFIG_NAME).read_text(encoding="utf-8"))
+    assert cfg["train_mode"] == mode and cfg["total_steps"] == 3
+    assert (tmp_path / "images" / "loss.png").read_bytes()[:8] == PNG_MAGIC  # --plot_to_images
+    if mode == "lora":
+        weights = adapter(ckpt)
+        lora_b = [v for k, v in weights.items() if "lora_B" in k]
+        assert lora_b and any(v.abs().max() > 0 for v in lora_b)  # B starts at zero: it trained
+        assert not (ckpt / "model.safetensors").exists()
+        return
+    from transformers import AutoModelForCausalLM
+
+    assert not (ckpt / "adapter_model.safetensors").exists()
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(work["model"], dtype=torch.float32)
+    assert model.config.vocab_size == base.config.vocab_size + 1  # resized for the pad token
+    changed = [n for n, p in base.named_parameters()
+               if not torch.equal(p, dict(model.named_parameters())[n])]
+    assert changed, "full fine-tuning changed no weight"
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, base.config.vocab_size + 1) and torch.isfinite(logits).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# errors: exit code 2, one "error:" line, no traceback
+# ---------------------------------------------------------------------------------------------
+def _error_case(case: str, work: dict, tmp: Path) -> tuple[list, dict, str]:
+    args = base_args(work, tmp / "out", "--max_steps", "1", "--test_path", "", "--ds_file", work["ds_fp32"])
+    env: dict[str, str] = {}
+
+    def setarg(flag, value):
+        args[args.index(flag) + 1] = value
+
+    if case == "missing_model":
+        setarg("--model_name_or_path", tmp / "no-such-model")
+        return args, env, "no-such-model"
+    if case == "empty_train":
+        (tmp / "empty.json").write_text("\n\n", encoding="utf-8")
+        setarg("--train_path", tmp / "empty.json")
+        return args, env, "no usable samples"
+    if case == "bad_ds_json":
+        (tmp / "bad.json").write_text('{"bf16": {"enabled": true},', encoding="utf-8")
+        setarg("--ds_file", tmp / "bad.json")
+        return args, env, "does not parse"
+    if case == "ds_contradicts_flag":
+        setarg("--ds_file", ds_config_file(tmp, gradient_accumulation_steps=8, bf16__enabled=False))
+        return args, env, "gradient_accumulation_steps is 8"
+    if case == "cuda_without_cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is visible")
+        return [*args, "--device", "cuda"], env, "CUDA"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["missing_model", "empty_train", "bad_ds_json", "ds_contradicts_flag",
+                                  "cuda_without_cuda"])
+def test_clear_errors(work, tmp_path, case):
+    args, env, needle = _error_case(case, work, tmp_path)
+    proc = run_train(tmp_path, args, check=False, **env)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-4000:])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert needle in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    assert not train.list_checkpoints(str(tmp_path / "out"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Baichuan2
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def baichuan_model_dir(request) -> Path:
+    pytest.importorskip("baichuan", reason="baichuan/ is not importable yet")
+    try:
+        return Path(request.getfixturevalue("tiny_model_dir"))
+    except pytest.FixtureLookupError:
+        pytest.skip("tests/conftest.py has no tiny_model_dir fixture yet")
+
+
+def test_baichuan_qlora_run_saves_checkpoint(work, baichuan_model_dir, tmp_path):
+    out = tmp_path / "out"
+    args = base_args(work, out, "--max_steps", "3", "--gradient_accumulation_steps", "1")
+    args[args.index("--model_name_or_path") + 1] = baichuan_model_dir
+    proc = run_train(tmp_path, args)
+    assert "mode qlora:" in proc.stdout
+    ckpt = newest_checkpoint(out)
+    cfg = json.loads((ckpt / utils.RUN_CONFIG_NAME).read_text(encoding="utf-8"))
+    assert cfg["resized_embeddings"] is False  # Baichuan2 ships a pad token
+    assert "W_pack" in cfg["lora_target_modules"]  # the fused QKV projection is a LoRA target
+    assert "lm_head" not in cfg["lora_target_modules"]
+    weights = adapter(ckpt)
+    assert not any("embed_tokens" in k for k in weights)
+    assert (ckpt / "tokenizer.model").is_file()
+    assert len(train_history(ckpt)) == 3 and len(json.loads((ckpt / "trainer_state.json").read_text())["history"]["eval"]) == 1

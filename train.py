@@ -1,0 +1,566 @@
+"""Fine-tune a chat model to play roles: QLoRA (NF4 4-bit base + LoRA on every linear layer)
+under DeepSpeed ZeRO-2, or plain LoRA / full fine-tuning for comparison.
+
+Launch it through `train.sh` (which holds the recipe's hyperparameters), or directly:
+
+    deepspeed --num_gpus 1 train.py --model_name_or_path output/tiny-baichuan2-chat \
+        --train_path data/train.json --test_path data/test.json --output_dir output/qlora
+
+Each checkpoint `output_dir/epoch-{e}-step-{s}/` holds the adapter (or the full model), the
+tokenizer, the resolved run config (`run_config.json`, read by merge_params.py and predict.py)
+and the DeepSpeed training state that `--resume` continues from. Checkpoint folders appear
+only when complete (written under a temporary name, then renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import utils
+from utils import UserError, print_rank0
+
+CKPT_RE = re.compile(r"^epoch-(\d+)-step-(\d+)$")
+# the training loop's state saved as DeepSpeed client_state (and restored by --resume)
+STATE_KEYS = ("global_step", "epoch", "micro_in_epoch", "epoch_display", "history", "throughput")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name_or_path", default=utils.DEFAULT_BASE_DIR,
+                   help="base model folder (Baichuan2 or a transformers causal LM such as Qwen2)")
+    p.add_argument("--train_path", default=utils.TRAIN_PATH, help="training records (JSON lines)")
+    p.add_argument("--test_path", default=utils.TEST_PATH, help="eval records, scored each epoch ('' to skip)")
+    p.add_argument("--output_dir", default="output/qlora", help="where checkpoints go")
+    p.add_argument("--train_mode", choices=["qlora", "lora", "full"], default="qlora",
+                   help="qlora: 4-bit NF4 base + LoRA; lora: bf16/fp32 base + LoRA; full: all weights")
+    p.add_argument("--per_device_train_batch_size", type=int, default=2, help="micro-batch size per process")
+    p.add_argument("--per_device_eval_batch_size", type=int, default=8, help="eval batch size per process")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=4, help="micro-batches per optimizer step")
+    p.add_argument("--max_len", type=int, default=512, help="max tokens of prompt + answer")
+    p.add_argument("--max_src_len", type=int, default=256, help="max tokens of the prompt")
+    p.add_argument("--is_skip", action="store_true", help="drop samples that would be truncated (and count them)")
+    p.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate")
+    p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay")
+    p.add_argument("--num_train_epochs", type=int, default=1, help="passes over the training data")
+    p.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
+    p.add_argument("--warmup_ratio", type=float, default=0.03, help="share of steps with linear warmup")
+    p.add_argument("--lora_dim", type=int, default=16, help="LoRA rank r")
+    p.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha")
+    p.add_argument("--lora_dropout", type=float, default=0.1, help="LoRA dropout")
+    p.add_argument("--lora_targets", default="all-linear",
+                   help="'all-linear' (every linear layer but the head) or comma-separated module names; "
+                        "add embed_tokens,lm_head to train those too")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations to save memory")
+    p.add_argument("--ds_file", default="ds_zero2_no_offload.json", help="DeepSpeed config ('auto' fields are filled from these flags)")
+    p.add_argument("--seed", type=int, default=1234, help="seed for init, data order and dropout")
+    p.add_argument("--save_model_step", type=int, default=0, help="also save every N optimizer steps (0: per epoch only)")
+    p.add_argument("--save_total_limit", type=int, default=0, help="keep only the newest N checkpoints (0: keep all)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
+    p.add_argument("--plot_to_images", action="store_true",
+                   help="also copy the loss plot to images/loss.png (relative to the cwd; train.sh runs in the repo)")
+    p.add_argument("--log_steps", type=int, default=1, help="TensorBoard/progress update every N optimizer steps")
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
+                   help="set by the deepspeed launcher")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup: devices, precision, model, data, DeepSpeed config
+# ---------------------------------------------------------------------------------------------
+def init_distributed() -> tuple[int, int]:
+    """Start torch.distributed through DeepSpeed; works under the launcher and as plain `python`."""
+    import deepspeed
+
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}.items():
+        os.environ.setdefault(key, value)
+    deepspeed.init_distributed(verbose=False)
+    import torch.distributed as dist
+
+    return dist.get_rank(), dist.get_world_size()
+
+
+def resolve_device(choice: str, local_rank: int) -> Any:
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA device is visible; use --device cpu or auto")
+    if choice != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def bf16_supported(device: Any) -> bool:
+    """bf16 where the hardware computes it natively, fp32 elsewhere."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def check_model_dir(path: str) -> None:
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        return
+    raise UserError(
+        f"model folder {path!r} not found or has no config.json. For real weights download "
+        "Baichuan2-7B-Chat (or a Qwen2-architecture chat model) into a folder and pass it; for the "
+        "embedded tiny default run `python -m baichuan.build_default` first")
+
+
+def load_tokenizer(path: str) -> Any:
+    import baichuan  # noqa: F401  (registers the Baichuan classes with the Auto factories)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{path}: tokenizer has no eos token; training needs one to end replies")
+    return tokenizer
+
+
+def load_model(args: argparse.Namespace, device: Any, compute_dtype: Any, tokenizer: Any) -> tuple[Any, dict]:
+    """Base model for the chosen mode, wrapped with LoRA where asked; returns (model, report)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {"device_map": {"": device}}
+    if args.train_mode == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype)
+        kwargs["dtype"] = compute_dtype
+    else:
+        kwargs["dtype"] = compute_dtype if args.train_mode == "lora" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
+    resized = ensure_pad_token(tokenizer, model)
+    model.config.use_cache = False
+    if args.train_mode == "full":
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model, {"trainable": count_params(model, True), "total": count_params(model, False), "resized": resized}
+    return wrap_lora(model, args, resized)
+
+
+def ensure_pad_token(tokenizer: Any, model: Any) -> bool:
+    """Give a tokenizer without a pad token one, and grow the embeddings to match."""
+    if tokenizer.pad_token_id is not None:
+        return False
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return True
+
+
+def wrap_lora(model: Any, args: argparse.Namespace, resized: bool) -> tuple[Any, dict]:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if args.train_mode == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    targets = lora_targets(model, args.lora_targets)
+    if resized:  # new pad row must be trained and saved with the adapter, or merging breaks
+        targets = sorted(set(targets) | {"embed_tokens", "lm_head"})
+    config = LoraConfig(r=args.lora_dim, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    return model, {"trainable": count_params(model, True), "total": count_params(model, False),
+                   "targets": targets, "resized": resized}
+
+
+def lora_targets(model: Any, spec: str) -> list[str]:
+    if spec == "all-linear":
+        return utils.find_all_linear_names(model)
+    return [t.strip() for t in spec.split(",") if t.strip()]
+
+
+def count_params(model: Any, trainable: bool) -> int:
+    total = 0
+    for p in model.parameters():
+        if trainable and not p.requires_grad:
+            continue
+        # bitsandbytes packs two 4-bit weights per uint8 element
+        total += p.numel() * (2 if p.dtype.is_floating_point is False and p.element_size() == 1 else 1)
+    return total
+
+
+def load_ds_config(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"DeepSpeed config {path!r} not found; pass --ds_file ds_zero2_no_offload.json")
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"DeepSpeed config {path}: does not parse ({e}); fix the JSON") from e
+
+
+def resolve_ds_config(ds: dict, path: str, values: dict[str, Any]) -> dict:
+    """Fill the config's "auto" fields from the flags. A concrete value that disagrees with a
+    flag is an error: every hyperparameter has exactly one owner, nothing is overridden silently."""
+    ds = json.loads(json.dumps(ds))
+    for dotted, value in values.items():
+        node = ds
+        keys = dotted.split(".")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        current = node.get(keys[-1], "auto")
+        if current == "auto":
+            node[keys[-1]] = value
+        elif current != value and not (isinstance(value, float) and math.isclose(float(current), value)):
+            raise UserError(f"{path}: {dotted} is {current!r} but the flags give {value!r}; set it to "
+                            "\"auto\" in the JSON (the flags own it) or change the flag to match")
+    return ds
+
+
+def build_ds_config(args: argparse.Namespace, world_size: int, total_steps: int, bf16: bool) -> dict:
+    values = {
+        "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "train_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size,
+        "bf16.enabled": bf16,
+        "optimizer.params.lr": args.learning_rate,
+        "optimizer.params.weight_decay": args.weight_decay,
+        "scheduler.params.warmup_num_steps": max(1, math.ceil(total_steps * args.warmup_ratio)),
+        "scheduler.params.total_num_steps": max(total_steps, 2),
+    }
+    return resolve_ds_config(load_ds_config(args.ds_file), args.ds_file, values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: atomic save, resume
+# ---------------------------------------------------------------------------------------------
+def list_checkpoints(output_dir: str) -> list[tuple[int, Path]]:
+    """Complete checkpoints (renamed into place, with a run config) sorted by global step."""
+    out = []
+    root = Path(output_dir)
+    if not root.is_dir():
+        return out
+    for d in root.iterdir():
+        m = CKPT_RE.match(d.name)
+        if m and d.is_dir() and (d / utils.RUN_CONFIG_NAME).is_file():
+            out.append((int(m.group(2)), d))
+    return sorted(out)
+
+
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(engine: Any, tokenizer: Any, run_config: dict, state: dict, args: argparse.Namespace) -> Path:
+    """Write output_dir/epoch-E-step-S atomically: every rank writes into a temp folder, rank 0
+    adds the adapter/model, tokenizer and run config, then renames it into place."""
+    import torch
+    import torch.distributed as dist
+
+    tag = f"epoch-{state['epoch_display']}-step-{state['global_step']}"
+    final = Path(args.output_dir) / tag
+    tmp = Path(args.output_dir) / f".tmp-{tag}"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    engine.save_checkpoint(str(tmp / "ds_state"), tag="state", client_state=state, exclude_frozen_parameters=True)
+    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        engine.module.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        utils.write_json(tmp / "trainer_state.json", {k: v for k, v in state.items() if k != "history"}
+                         | {"history": state["history"]})
+        utils.write_json(tmp / utils.RUN_CONFIG_NAME, run_config)  # last: marks the folder complete
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        prune_checkpoints(args)
+    dist.barrier()
+    return final
+
+
+def prune_checkpoints(args: argparse.Namespace) -> None:
+    if args.save_total_limit > 0:
+        for _, d in list_checkpoints(args.output_dir)[: -args.save_total_limit]:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def load_resume_state(engine: Any, args: argparse.Namespace) -> dict | None:
+    import torch
+    import torch.distributed as dist
+
+    ckpts = list_checkpoints(args.output_dir)
+    if not ckpts:
+        print_rank0(f"--resume: no complete checkpoint in {args.output_dir}; starting fresh")
+        return None
+    _, ckpt = ckpts[-1]
+    _, state = engine.load_checkpoint(str(ckpt / "ds_state"), tag="state", load_module_strict=False)
+    if state is None:
+        raise UserError(f"{ckpt}: DeepSpeed state could not be loaded; delete the folder to resume from an older one")
+    # DeepSpeed hands back its own metadata too (e.g. checkpoint_parallel_dimensions), which it
+    # refuses as client_state on the next save: keep only the training loop's keys
+    state = {k: v for k, v in state.items() if k in STATE_KEYS}
+    rng_file = ckpt / f"rng_rank{dist.get_rank()}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))  # our own file: python/numpy RNG tuples
+    print_rank0(f"resumed from {ckpt} (global step {state['global_step']})")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Eval
+# ---------------------------------------------------------------------------------------------
+def evaluate(engine: Any, dataset: Any, collator: Any, batch_size: int, device: Any) -> float:
+    """Token-level mean loss over this rank's share of the eval set, averaged over all ranks."""
+    import torch
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    indices = list(range(rank, len(dataset), world))
+    with torch.no_grad():
+        for i in range(0, len(indices), batch_size):
+            batch = collator([dataset[j] for j in indices[i:i + batch_size]])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            n = (batch["labels"][:, 1:] != -100).sum()
+            loss = engine(**batch).loss.float()
+            total += torch.stack([loss.double() * n, n.double()])
+    dist.all_reduce(total)
+    engine.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_model_dir(args.model_name_or_path)
+    ds_template = load_ds_config(args.ds_file)  # fail fast on a bad config, before loading a model
+    if not os.path.isfile(args.train_path):
+        raise UserError(f"train file {args.train_path!r} not found; build it with `python data_helper.py`")
+
+    import deepspeed
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import GenerationConfig
+
+    rank, world_size = init_distributed()
+    device = resolve_device(args.device, args.local_rank)
+    bf16 = bool(ds_template.get("bf16", {}).get("enabled") is True or
+                (ds_template.get("bf16", {}).get("enabled") == "auto" and bf16_supported(device)))
+    compute_dtype = torch.bfloat16 if bf16 else torch.float32
+    utils.set_seed(args.seed)
+
+    # --- data
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    gen_config = load_generation_config(args.model_name_or_path, GenerationConfig)
+    train_ds = utils.Baichuan2PromptDataSet(args.train_path, tokenizer, args.max_len, args.max_src_len,
+                                            args.is_skip, gen_config)
+    eval_ds = (utils.Baichuan2PromptDataSet(args.test_path, tokenizer, args.max_len, args.max_src_len,
+                                            False, gen_config) if args.test_path else None)
+    print_rank0(f"train samples: {len(train_ds)} (skipped as too long: {train_ds.skipped}, "
+                f"truncated: {train_ds.truncated}); eval samples: {len(eval_ds) if eval_ds else 0}")
+
+    # --- model
+    model, report = load_model(args, device, compute_dtype, tokenizer)
+    print_rank0(f"mode {args.train_mode}: trainable params {report['trainable']:,} / {report['total']:,} "
+                f"({100 * report['trainable'] / max(report['total'], 1):.2f}%)"
+                + (f"; LoRA targets {report['targets']}" if "targets" in report else ""))
+    collator = utils.DataCollator(tokenizer.pad_token_id)
+    sampler = utils.LengthGroupedBatchSampler(train_ds.lengths, args.per_device_train_batch_size, world_size,
+                                              rank, args.gradient_accumulation_steps, args.seed)
+    micro_per_epoch = len(sampler.micro_batches(0))
+    steps_per_epoch = micro_per_epoch // args.gradient_accumulation_steps
+    total_steps = steps_per_epoch * args.num_train_epochs
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    ds_config = build_ds_config(args, world_size, total_steps, bf16)
+
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
+    run_config = build_run_config(args, report, ds_config, world_size, bf16, total_steps, train_ds)
+
+    # --- state (fresh or resumed)
+    state = {"global_step": 0, "epoch": 0, "micro_in_epoch": 0, "epoch_display": 1,
+             "history": {"train": [], "eval": []}}
+    if args.resume:
+        state = load_resume_state(engine, args) or state
+    writer = make_writer(args.output_dir)
+    progress = make_progress(total_steps, state["global_step"])
+    window = {"loss": 0.0, "micro": 0, "tokens": 0, "padded": 0, "t0": time.perf_counter()}
+
+    engine.train()
+    for epoch in range(state["epoch"], args.num_train_epochs):
+        sampler.set_epoch(epoch, start=state["micro_in_epoch"] if epoch == state["epoch"] else 0)
+        state["epoch"], state["epoch_display"] = epoch, epoch + 1
+        # own generator: starting a DataLoader iterator otherwise draws from the global torch RNG,
+        # which would shift dropout after --resume (the RNG state is restored before this point)
+        loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collator,
+                            generator=torch.Generator().manual_seed(args.seed + epoch))
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            state["micro_in_epoch"] += 1
+            window["loss"] += loss.item()
+            window["micro"] += 1
+            window["tokens"] += int(batch["attention_mask"].sum())
+            window["padded"] += batch["attention_mask"].numel()
+            if not boundary:
+                continue
+            state["global_step"] += 1
+            log_step(state, window, scheduler, writer, progress, args)
+            if args.save_model_step and state["global_step"] % args.save_model_step == 0:
+                save_checkpoint(engine, tokenizer, run_config, state, args)
+            if args.max_steps and state["global_step"] >= args.max_steps:
+                break
+        # --- end of epoch: eval, checkpoint, plot
+        finished_epoch = state["micro_in_epoch"] >= micro_per_epoch
+        state["epoch"], state["micro_in_epoch"] = (epoch + 1, 0) if finished_epoch else (epoch, state["micro_in_epoch"])
+        if eval_ds is not None:
+            eval_loss = evaluate(engine, eval_ds, collator, args.per_device_eval_batch_size, device)
+            state["history"]["eval"].append((state["global_step"], eval_loss))
+            print_rank0(f"epoch {epoch + 1}: eval loss {eval_loss:.4f}  perplexity {math.exp(min(eval_loss, 50)):.2f}")
+            if writer:
+                writer.add_scalar("eval/loss", eval_loss, state["global_step"])
+                writer.add_scalar("eval/perplexity", math.exp(min(eval_loss, 50)), state["global_step"])
+        ckpt = save_checkpoint(engine, tokenizer, run_config, state, args)
+        write_plots(state, args, ckpt)
+        if args.max_steps and state["global_step"] >= args.max_steps:
+            break
+    if progress:
+        progress.close()
+    if writer:
+        writer.close()
+    newest = list_checkpoints(args.output_dir)
+    print_rank0(f"done: {state['global_step']} optimizer steps; newest checkpoint: {newest[-1][1] if newest else None}")
+    return 0
+
+
+def load_generation_config(path: str, cls: Any) -> Any:
+    try:
+        return cls.from_pretrained(path)
+    except OSError:
+        return None
+
+
+def build_run_config(args: argparse.Namespace, report: dict, ds_config: dict, world_size: int, bf16: bool,
+                     total_steps: int, train_ds: Any) -> dict:
+    """Everything a later stage needs to know about this run, resolved (no defaults left implicit)."""
+    import peft
+    import torch
+    import transformers
+
+    cfg = {k: v for k, v in vars(args).items() if k != "local_rank"}
+    cfg.update({
+        "base_model": os.path.abspath(args.model_name_or_path),
+        "train_path": os.path.abspath(args.train_path),
+        "test_path": os.path.abspath(args.test_path) if args.test_path else "",
+        "world_size": world_size,
+        "precision": "bf16" if bf16 else "fp32",
+        "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size,
+        "total_steps": total_steps,
+        "train_samples": len(train_ds),
+        "skipped_samples": train_ds.skipped,
+        "trainable_params": report["trainable"],
+        "lora_target_modules": report.get("targets"),
+        "resized_embeddings": report.get("resized", False),
+        "deepspeed_config": ds_config,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+    })
+    return cfg
+
+
+def make_writer(output_dir: str) -> Any:
+    if not utils.is_rank0():
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(os.path.join(output_dir, "runs"))
+
+
+def make_progress(total: int, done: int) -> Any:
+    if not utils.is_rank0():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True,
+                file=sys.stdout, mininterval=1.0)
+
+
+def log_step(state: dict, window: dict, scheduler: Any, writer: Any, progress: Any, args: argparse.Namespace) -> None:
+    """Average the window's micro-batch losses over ranks; report loss, lr, tokens/s, padding share."""
+    import torch
+    import torch.distributed as dist
+
+    stats = torch.tensor([window["loss"], window["micro"], window["tokens"], window["padded"]], dtype=torch.float64)
+    dist.all_reduce(stats)
+    loss = (stats[0] / stats[1]).item()
+    elapsed = time.perf_counter() - window["t0"]
+    tok_s = stats[2].item() / max(elapsed, 1e-9)
+    pad_share = 1 - stats[2].item() / max(stats[3].item(), 1)
+    lr = scheduler.get_last_lr()[0] if scheduler is not None else float("nan")
+    state["history"]["train"].append((state["global_step"], loss))
+    state.setdefault("throughput", []).append((state["global_step"], tok_s, pad_share))
+    if writer and state["global_step"] % args.log_steps == 0:
+        writer.add_scalar("train/loss", loss, state["global_step"])
+        writer.add_scalar("train/lr", lr, state["global_step"])
+        writer.add_scalar("train/tokens_per_s", tok_s, state["global_step"])
+        writer.add_scalar("train/padding_share", pad_share, state["global_step"])
+    if progress:
+        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", pad=f"{pad_share:.1%}")
+        progress.update(1)
+    window.update(loss=0.0, micro=0, tokens=0, padded=0, t0=time.perf_counter())
+
+
+def write_plots(state: dict, args: argparse.Namespace, ckpt: Path) -> None:
+    if utils.is_rank0():
+        title = f"{args.train_mode} on {Path(args.model_name_or_path).name}"
+        paths = [Path(args.output_dir) / "loss.png", ckpt / "loss.png"]
+        if args.plot_to_images:
+            paths.append(Path(utils.IMAGES_DIR) / "loss.png")
+        utils.plot_loss(state["history"], paths, title)
+
+
+if __name__ == "__main__":
+    sys.exit(utils.run_main(main))
