@@ -137,9 +137,26 @@ def compare(reference: list[Any], other: list[Any]) -> dict[str, float]:
     return {"max_abs_diff": max(diffs), "logit_scale": scale, "argmax_agreement": same / max(positions, 1)}
 
 
-def renormalise_heads(model: Any) -> None:
-    """Baichuan NormHead normalises its weight in place on the first eval call and then trusts it;
-    after the merge changed weights, make the next eval call normalise again (spec §3.6)."""
+def snapshot_norm_heads(model: Any) -> list[tuple[Any, Any]]:
+    """(module, raw weight copy) of every Baichuan NormHead, taken before any eval forward.
+
+    A NormHead overwrites its weight in place with unit-norm rows on its first eval call (spec §3.6),
+    and the check prompts run in eval mode; restoring the raw weight before saving keeps every
+    tensor the adapter does not touch bit-identical to the base checkpoint (one [V, H] copy).
+    """
+    return [(m, m.weight.detach().clone()) for m in model.modules() if hasattr(m, "first_flag")]
+
+
+def restore_norm_heads(model: Any, snapshots: list[tuple[Any, Any]]) -> None:
+    """Put the raw head weights back (heads the merge replaced are left alone) and re-arm the
+    normalisation, so the next eval call normalises whatever weight the head now holds."""
+    import torch
+
+    present = {id(m) for m in model.modules()}
+    for module, raw in snapshots:
+        if id(module) in present:
+            with torch.no_grad():
+                module.weight.copy_(raw)
     for module in model.modules():
         if hasattr(module, "first_flag"):
             module.first_flag = True
@@ -177,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = utils.load_inference_tokenizer(base_dir, adapter_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype, device_map={"": device})
     peft_model = utils.attach_adapter(model, tokenizer, adapter_dir)
+    heads = snapshot_norm_heads(model)
     del model
     peft_model.eval()
     prompts = check_prompt_ids(tokenizer, peft_model.generation_config)
@@ -187,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     merged = peft_model.merge_and_unload(progressbar=False, safe_merge=True)  # in place, layer by layer
     del peft_model  # drop the PEFT wrapper (LoRA matrices); `merged` is the base model, merged in place
     release_memory()
-    renormalise_heads(merged)
+    restore_norm_heads(merged, heads)
+    del heads
     merged.config.use_cache = True
     if tokenizer.pad_token_id is not None and merged.config.pad_token_id is None:
         merged.config.pad_token_id = tokenizer.pad_token_id

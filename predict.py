@@ -26,6 +26,7 @@ even when empty, as train.py keeps it), user = record["input"], through utils.bu
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections import defaultdict
@@ -70,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--output_path", default=None, help="predictions (JSON lines); required with --test_path")
     g.add_argument("--batch_size", type=int, default=8, help="prompts generated together (left padding)")
     g.add_argument("--limit", type=int, default=None, help="only the first N test records")
+    g.add_argument("--baseline_metrics", default=None,
+                   help="metrics JSON of another model (e.g. the untuned base) to print side by side")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch_size must be >= 1")
@@ -282,6 +285,30 @@ def format_metrics(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def headline(m: dict[str, Any]) -> dict[str, float | None]:
+    """The figures a comparison shows: fact accuracy per template set, ROUGE-L per role, OOC rate."""
+    a = m["attribute_accuracy"]
+    rows = {"fact accuracy (all attribute tests)": a["overall"]["accuracy"]}
+    rows |= {f"fact accuracy ({k} phrasings)": v["accuracy"] for k, v in a["per_template_set"].items()}
+    rows["ROUGE-L (all roles)"] = m["rouge_l"]["overall"]
+    rows |= {f"ROUGE-L {k}": v["mean"] for k, v in m["rouge_l"]["per_role"].items()}
+    rows["out-of-character rate"] = m["out_of_character"]["rate"]
+    if m.get("generation"):
+        rows["generated tokens/s"] = m["generation"]["tokens_per_s"]
+    return rows
+
+
+def format_comparison(baseline: dict[str, Any], current: dict[str, Any]) -> str:
+    """A two-column table: the baseline's figures beside this model's."""
+    base, cur = headline(baseline), headline(current)
+    lines = [f"{'metric':<40} {'baseline':>10} {'this model':>11}"]
+    for key in cur:
+        b, c = base.get(key), cur[key]
+        fmt = ".1f" if "tokens/s" in key else ".2%" if "accuracy" in key or "rate" in key else ".4f"
+        lines.append(f"{key:<40} {'n/a' if b is None else format(b, fmt):>10} {'n/a' if c is None else format(c, fmt):>11}")
+    return "\n".join(lines)
+
+
 def metrics_path_for(output_path: str) -> Path:
     return Path(output_path).with_suffix(".metrics.json")
 
@@ -325,6 +352,11 @@ def run_batch(args: argparse.Namespace, model: Any, tokenizer: Any, items: list[
     utils.write_json(metrics_path_for(args.output_path), metrics)
     print(format_metrics(metrics))
     print(f"predictions: {args.output_path}\nmetrics: {metrics_path_for(args.output_path)}")
+    if args.baseline_metrics:
+        baseline = json.loads(Path(args.baseline_metrics).read_text(encoding="utf-8"))
+        print(f"\nbaseline: {baseline.get('model', {}).get('model_path', args.baseline_metrics)}  "
+              f"vs  this model: {args.model_path}")
+        print(format_comparison(baseline, metrics))
     return metrics
 
 
@@ -406,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.output_path:
             raise UserError("--test_path needs --output_path (where the predictions go)")
         items = load_test_records(args.test_path, args.limit)
+        if args.baseline_metrics and not Path(args.baseline_metrics).is_file():
+            raise UserError(f"--baseline_metrics {args.baseline_metrics}: file not found; run predict.py on the "
+                            "baseline model first")
         extra_roles: list[str] = []
         desc = args.desc_path or (utils.PROFILES_PATH if Path(utils.PROFILES_PATH).is_file() else None)
         if desc:

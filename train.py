@@ -60,16 +60,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="'all-linear' (every linear layer but the head) or comma-separated module names; "
                         "add embed_tokens,lm_head to train those too")
     p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations to save memory")
-    p.add_argument("--ds_file", default="ds_zero2_no_offload.json", help="DeepSpeed config ('auto' fields are filled from these flags)")
+    p.add_argument("--ds_file", default="ds_zero2_no_offload.json",
+                   help="DeepSpeed config ('auto' fields are filled from these flags)")
     p.add_argument("--seed", type=int, default=1234, help="seed for init, data order and dropout")
-    p.add_argument("--save_model_step", type=int, default=0, help="also save every N optimizer steps (0: per epoch only)")
+    p.add_argument("--save_model_step", type=int, default=0,
+                   help="also save every N optimizer steps (0: per epoch only)")
     p.add_argument("--save_total_limit", type=int, default=0, help="keep only the newest N checkpoints (0: keep all)")
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="delete checkpoints of an earlier run in output_dir instead of refusing to start")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
     p.add_argument("--plot_to_images", action="store_true",
                    help="also copy the loss plot to images/loss.png (relative to the cwd; train.sh runs in the repo)")
     p.add_argument("--log_steps", type=int, default=1, help="TensorBoard/progress update every N optimizer steps")
-    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", "0")),
                    help="set by the deepspeed launcher")
     return p.parse_args(argv)
 
@@ -124,8 +128,9 @@ def check_model_dir(path: str) -> None:
 
 
 def load_tokenizer(path: str) -> Any:
-    import baichuan  # noqa: F401  (registers the Baichuan classes with the Auto factories)
     from transformers import AutoTokenizer
+
+    import baichuan  # noqa: F401  (registers the Baichuan classes with the Auto factories)
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.eos_token_id is None:
@@ -161,8 +166,10 @@ def ensure_pad_token(tokenizer: Any, model: Any) -> bool:
     if tokenizer.pad_token_id is not None:
         return False
     tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-    model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
+    if len(tokenizer) <= model.get_input_embeddings().weight.shape[0]:
+        return False  # the new id fits an existing (padding) row: never shrink a padded vocabulary
+    model.resize_token_embeddings(len(tokenizer))
     return True
 
 
@@ -315,6 +322,17 @@ def save_checkpoint(engine: Any, tokenizer: Any, run_config: dict, state: dict, 
     return final
 
 
+def clear_output_dir(output_dir: str, rank: int) -> None:
+    """Rank 0 deletes an earlier run's checkpoints (and half-written temp folders); all ranks wait."""
+    import torch.distributed as dist
+
+    if rank == 0 and Path(output_dir).is_dir():
+        for d in Path(output_dir).iterdir():
+            if d.is_dir() and (CKPT_RE.match(d.name) or d.name.startswith(".tmp-")):
+                shutil.rmtree(d, ignore_errors=True)
+    dist.barrier()
+
+
 def prune_checkpoints(args: argparse.Namespace) -> None:
     if args.save_total_limit > 0:
         for _, d in list_checkpoints(args.output_dir)[: -args.save_total_limit]:
@@ -376,6 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     ds_template = load_ds_config(args.ds_file)  # fail fast on a bad config, before loading a model
     if not os.path.isfile(args.train_path):
         raise UserError(f"train file {args.train_path!r} not found; build it with `python data_helper.py`")
+    if next(utils.read_jsonl(args.train_path), None) is None:  # cheap: before torch, DeepSpeed and the model
+        raise UserError(f"train file {args.train_path!r} has no records; build it with `python data_helper.py`")
+    old_checkpoints = list_checkpoints(args.output_dir)
+    if old_checkpoints and not (args.resume or args.overwrite_output_dir):
+        raise UserError(f"{args.output_dir} already holds checkpoints of an earlier run (newest: "
+                        f"{old_checkpoints[-1][1].name}); pass --resume to continue it, --overwrite_output_dir "
+                        "to replace it, or choose another --output_dir")
 
     import deepspeed
     import torch
@@ -384,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rank, world_size = init_distributed()
     device = resolve_device(args.device, args.local_rank)
+    if args.overwrite_output_dir and not args.resume:
+        clear_output_dir(args.output_dir, rank)
     bf16 = bool(ds_template.get("bf16", {}).get("enabled") is True or
                 (ds_template.get("bf16", {}).get("enabled") == "auto" and bf16_supported(device)))
     compute_dtype = torch.bfloat16 if bf16 else torch.float32
@@ -399,12 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     print_rank0(f"train samples: {len(train_ds)} (skipped as too long: {train_ds.skipped}, "
                 f"truncated: {train_ds.truncated}); eval samples: {len(eval_ds) if eval_ds else 0}")
 
-    # --- model
-    model, report = load_model(args, device, compute_dtype, tokenizer)
-    print_rank0(f"mode {args.train_mode}: trainable params {report['trainable']:,} / {report['total']:,} "
-                f"({100 * report['trainable'] / max(report['total'], 1):.2f}%)"
-                + (f"; LoRA targets {report['targets']}" if "targets" in report else ""))
-    collator = utils.DataCollator(tokenizer.pad_token_id)
+    # --- batches and the DeepSpeed config (before the model: a config mistake costs no model load)
     sampler = utils.LengthGroupedBatchSampler(train_ds.lengths, args.per_device_train_batch_size, world_size,
                                               rank, args.gradient_accumulation_steps, args.seed)
     micro_per_epoch = len(sampler.micro_batches(0))
@@ -413,6 +435,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
     ds_config = build_ds_config(args, world_size, total_steps, bf16)
+
+    # --- model
+    model, report = load_model(args, device, compute_dtype, tokenizer)
+    print_rank0(f"mode {args.train_mode}: trainable params {report['trainable']:,} / {report['total']:,} "
+                f"({100 * report['trainable'] / max(report['total'], 1):.2f}%)"
+                + (f"; LoRA targets {report['targets']}" if "targets" in report else ""))
+    collator = utils.DataCollator(tokenizer.pad_token_id)  # after load_model: it may add the pad token
 
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)

@@ -4,7 +4,11 @@
 #   bash train.sh                                   # the recipe below (Baichuan2-7B-Chat, or the tiny default)
 #   MODEL=/models/Baichuan2-7B-Chat NUM_GPUS=8 bash train.sh
 #   MODEL=... OUTPUT_DIR=output/run2 EPOCHS=2 HOSTFILE=hostfile bash train.sh   # several machines
+#   STAGES=train bash train.sh                       # only train (default: train,merge,eval)
 #
+# Stages: train (train.py under the deepspeed launcher) -> merge (merge_params.py on the newest
+# checkpoint) -> eval (predict.py scores the untuned base and the merged model on $TEST_PATH and
+# prints them side by side, then the command that opens the web demo).
 # Every variable below can be overridden from the environment. When $MODEL is absent, the run
 # says so and trains the embedded tiny default instead, with settings sized for 2 CPU cores
 # (any variable you set yourself still wins). Extra train.py flags: EXTRA_ARGS="--resume".
@@ -36,10 +40,13 @@ ENV_SET=" $(env | cut -d= -f1 | tr '\n' ' ') "   # variables the caller set (the
 : "${HOSTFILE:=}"
 : "${MASTER_PORT:=29500}"
 : "${EXTRA_ARGS:=}"
+: "${STAGES:=train,merge,eval}"
+: "${EVAL_LIMIT:=0}"              # score only the first N test records (0: all)
+: "${OVERWRITE_OUTPUT_DIR:=0}"    # 1: replace checkpoints of an earlier run in $OUTPUT_DIR
 
 # --- the embedded tiny default, when no real weights are here -------------------------------------
 TINY_MODEL=output/tiny-baichuan2-chat
-TINY_SETTINGS="BATCH_SIZE=16 GRAD_ACCUM=1 LR=2e-3 EPOCHS=12 WARMUP_RATIO=0.06 WEIGHT_DECAY=0.0 LORA_DROPOUT=0.05"
+TINY_SETTINGS="OUTPUT_DIR=output/tiny-qlora OVERWRITE_OUTPUT_DIR=1 BATCH_SIZE=16 GRAD_ACCUM=1 LR=2e-3 EPOCHS=12 WARMUP_RATIO=0.06 WEIGHT_DECAY=0.0 LORA_DROPOUT=0.05"
 if [ ! -f "$MODEL/config.json" ]; then
   echo "train.sh: $MODEL not found (no config.json); training the embedded tiny default $TINY_MODEL with CPU-sized settings"
   MODEL=$TINY_MODEL
@@ -50,27 +57,57 @@ if [ ! -f "$MODEL/config.json" ]; then
 fi
 [ -f "$TRAIN_PATH" ] || python data_helper.py
 
-deepspeed --num_gpus "$NUM_GPUS" ${HOSTFILE:+--hostfile "$HOSTFILE"} --master_port "$MASTER_PORT" train.py \
-  --model_name_or_path "$MODEL" \
-  --train_path "$TRAIN_PATH" \
-  --test_path "$TEST_PATH" \
-  --output_dir "$OUTPUT_DIR" \
-  --train_mode "$TRAIN_MODE" \
-  --per_device_train_batch_size "$BATCH_SIZE" \
-  --gradient_accumulation_steps "$GRAD_ACCUM" \
-  --max_len "$MAX_LEN" \
-  --max_src_len "$MAX_SRC_LEN" \
-  --learning_rate "$LR" \
-  --weight_decay "$WEIGHT_DECAY" \
-  --num_train_epochs "$EPOCHS" \
-  --warmup_ratio "$WARMUP_RATIO" \
-  --lora_dim "$LORA_R" \
-  --lora_alpha "$LORA_ALPHA" \
-  --lora_dropout "$LORA_DROPOUT" \
-  --ds_file "$DS_FILE" \
-  --seed "$SEED" \
-  --save_model_step "$SAVE_MODEL_STEP" \
-  --gradient_checkpointing \
-  --is_skip \
-  --plot_to_images \
-  $EXTRA_ARGS
+has_stage() { case ",$STAGES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+newest_checkpoint() {  # highest step among complete checkpoints (folders appear only when complete)
+  ls -d "$OUTPUT_DIR"/epoch-*-step-* 2>/dev/null | awk -F'-step-' '{print $NF" "$0}' | sort -n | tail -1 | cut -d' ' -f2-
+}
+T0=$SECONDS
+
+if has_stage train; then
+  [ "$OVERWRITE_OUTPUT_DIR" = 1 ] && EXTRA_ARGS="$EXTRA_ARGS --overwrite_output_dir"
+  deepspeed --num_gpus "$NUM_GPUS" ${HOSTFILE:+--hostfile "$HOSTFILE"} --master_port "$MASTER_PORT" train.py \
+    --model_name_or_path "$MODEL" \
+    --train_path "$TRAIN_PATH" \
+    --test_path "$TEST_PATH" \
+    --output_dir "$OUTPUT_DIR" \
+    --train_mode "$TRAIN_MODE" \
+    --per_device_train_batch_size "$BATCH_SIZE" \
+    --gradient_accumulation_steps "$GRAD_ACCUM" \
+    --max_len "$MAX_LEN" \
+    --max_src_len "$MAX_SRC_LEN" \
+    --learning_rate "$LR" \
+    --weight_decay "$WEIGHT_DECAY" \
+    --num_train_epochs "$EPOCHS" \
+    --warmup_ratio "$WARMUP_RATIO" \
+    --lora_dim "$LORA_R" \
+    --lora_alpha "$LORA_ALPHA" \
+    --lora_dropout "$LORA_DROPOUT" \
+    --ds_file "$DS_FILE" \
+    --seed "$SEED" \
+    --save_model_step "$SAVE_MODEL_STEP" \
+    --gradient_checkpointing \
+    --is_skip \
+    --plot_to_images \
+    $EXTRA_ARGS
+  echo "train.sh: training took $((SECONDS - T0))s"
+fi
+
+CKPT=$(newest_checkpoint)
+MERGED_DIR=${MERGED_DIR:-$OUTPUT_DIR/merged}
+if has_stage merge; then
+  [ -n "$CKPT" ] || { echo "train.sh: no checkpoint in $OUTPUT_DIR to merge; run the train stage first" >&2; exit 2; }
+  if [ "$TRAIN_MODE" = full ]; then MERGED_DIR=$CKPT; else
+    python merge_params.py --model_dir "$CKPT" --save_model_dir "$MERGED_DIR" --overwrite
+  fi
+fi
+
+if has_stage eval; then
+  LIMIT_ARGS=""; [ "$EVAL_LIMIT" != 0 ] && LIMIT_ARGS="--limit $EVAL_LIMIT"
+  echo "train.sh: scoring the untuned base $MODEL on $TEST_PATH"
+  python predict.py --model_path "$MODEL" --test_path "$TEST_PATH" --output_path "$OUTPUT_DIR/preds_base.jsonl" $LIMIT_ARGS
+  echo "train.sh: scoring the fine-tuned model $MERGED_DIR on $TEST_PATH"
+  python predict.py --model_path "$MERGED_DIR" --test_path "$TEST_PATH" --output_path "$OUTPUT_DIR/preds_finetuned.jsonl" \
+    --baseline_metrics "$OUTPUT_DIR/preds_base.metrics.json" $LIMIT_ARGS
+  echo "train.sh: done in $((SECONDS - T0))s. Chat with your characters:"
+  echo "  python web_demo.py --model_path $MERGED_DIR --desc_path data/profiles-zh_desc.json"
+fi

@@ -626,16 +626,19 @@ def load_model_for_inference(
     return model, tokenizer
 
 
-def resize_for_tokenizer(model: Any, tokenizer: Any) -> bool:
-    """Grow the input/output embeddings to the tokenizer's size (train.py's added pad token).
+def resize_for_tokenizer(model: Any, tokenizer: Any, rows: int | None = None) -> bool:
+    """Resize the input/output embeddings to `rows` (default: the tokenizer's size, when larger).
 
-    The new rows are placeholders: the adapter saved by train.py carries the trained embedding and
-    head matrices and overwrites them. Returns whether anything was resized.
+    train.py resizes the base to `len(tokenizer)` when it adds a pad token (which can also shrink a
+    vocabulary padded past the tokenizer, as Qwen2's is); the adapter it saves carries the trained
+    embedding and head matrices, which overwrite the placeholder rows. Returns whether it resized.
     """
-    rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) <= rows:
+    current = model.get_input_embeddings().weight.shape[0]
+    if rows is None:
+        rows = max(current, len(tokenizer))
+    if rows == current:
         return False
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.resize_token_embeddings(rows, mean_resizing=False)
     if tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return True
@@ -645,8 +648,9 @@ def attach_adapter(model: Any, tokenizer: Any, adapter_dir: str) -> Any:
     """PeftModel of `model` with the adapter in `adapter_dir` (embeddings resized first when needed)."""
     from peft import PeftModel
 
-    resized = resize_for_tokenizer(model, tokenizer)
-    if resized and not _adapter_has_embeddings(adapter_dir):
+    saved_rows = _adapter_embedding_rows(adapter_dir)
+    resized = resize_for_tokenizer(model, tokenizer, saved_rows)
+    if resized and saved_rows is None:
         raise UserError(f"{adapter_dir}: the tokenizer has {len(tokenizer)} tokens but the base model fewer, "
                         "and the adapter does not carry the resized embeddings; re-train with train.py "
                         "(it saves them) or load with the base tokenizer")
@@ -657,15 +661,21 @@ def attach_adapter(model: Any, tokenizer: Any, adapter_dir: str) -> Any:
                         "pass the base model it was trained on (run_config.json base_model)") from e
 
 
-def _adapter_has_embeddings(adapter_dir: str) -> bool:
+def _adapter_embedding_rows(adapter_dir: str) -> int | None:
+    """Rows of the full input-embedding matrix saved with the adapter (train.py saves it when it resized
+    the vocabulary), or None when the adapter holds no such matrix."""
     path = Path(adapter_dir) / "adapter_model.safetensors"
     if not path.is_file():
-        return True  # .bin adapters: let PEFT decide
+        return None
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return any(k.endswith(("embed_tokens.weight", "embed_tokens.base_layer.weight", "lm_head.weight",
-                               "lm_head.base_layer.weight", "wte.weight")) for k in f.keys())
+        names = list(f.keys())
+        for name in names:
+            if name.endswith(("embed_tokens.weight", "embed_tokens.base_layer.weight", "wte.weight",
+                              "wte.base_layer.weight")):
+                return int(f.get_slice(name).get_shape()[0])
+    return None
 
 
 def generation_config_for(model: Any, **overrides: Any) -> Any:
@@ -673,8 +683,9 @@ def generation_config_for(model: Any, **overrides: Any) -> Any:
 
     Accepted overrides: max_new_tokens, temperature, top_p, top_k, repetition_penalty, do_sample
     (and any other GenerationConfig field). With do_sample False the sampling parameters are
-    reset to their neutral values, so greedy decoding carries no ignored settings. max_new_tokens falls back to
-    DEFAULT_MAX_NEW_TOKENS (capped at half the context) when the model's config has none.
+    reset to their neutral values, so greedy decoding carries no ignored settings. max_new_tokens
+    falls back to DEFAULT_MAX_NEW_TOKENS (capped at half the context) when the model's config has
+    none. A value generation cannot take (e.g. temperature 0 with sampling) raises UserError.
     """
     import copy
 
@@ -686,8 +697,9 @@ def generation_config_for(model: Any, **overrides: Any) -> Any:
     unknown = [k for k in updates if not hasattr(GenerationConfig(), k) and not hasattr(config, k)]
     if unknown:
         raise UserError(f"unknown generation setting(s) {unknown}")
-    config.update(**updates)
-    if not config.max_new_tokens:
+    for key, value in updates.items():  # setattr, not update(): no validation before greedy is cleaned up
+        setattr(config, key, value)
+    if config.max_new_tokens is None:
         config.max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, max(1, context_length(model) // 2))
     config.max_length = None
     if not config.do_sample:
@@ -696,8 +708,31 @@ def generation_config_for(model: Any, **overrides: Any) -> Any:
         for name in SAMPLING_FIELDS:
             if getattr(config, name, None) is not None:
                 setattr(config, name, neutral.get(name))
-    config.validate()
+    _check_generation_values(config, updates)
+    try:
+        config.validate(strict=True)
+    except ValueError as e:
+        raise UserError(f"bad generation setting(s) {updates}: {str(e).splitlines()[0]}") from e
     return config
+
+
+def _check_generation_values(config: Any, updates: dict[str, Any]) -> None:
+    """Reject values generate() would fail on only once it starts (or silently misuse)."""
+    problems = []
+    if not (isinstance(config.max_new_tokens, int) and config.max_new_tokens >= 1):
+        problems.append(f"max_new_tokens must be a positive integer, got {config.max_new_tokens!r}")
+    if config.repetition_penalty is not None and not config.repetition_penalty > 0:
+        problems.append(f"repetition_penalty must be > 0, got {config.repetition_penalty}")
+    if config.do_sample:
+        if config.temperature is not None and not config.temperature > 0:
+            problems.append(f"temperature must be > 0 when sampling, got {config.temperature} (use do_sample=False "
+                            "for greedy decoding)")
+        if config.top_p is not None and not 0 < config.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {config.top_p}")
+        if config.top_k is not None and not (isinstance(config.top_k, int) and config.top_k >= 0):
+            problems.append(f"top_k must be an integer >= 0, got {config.top_k!r}")
+    if problems:
+        raise UserError("bad generation setting(s): " + "; ".join(problems))
 
 
 def context_length(model: Any) -> int:
@@ -835,7 +870,7 @@ def chat_stream(model: Any, tokenizer: Any, messages: Sequence[dict[str, str]],
         try:
             result["output"] = _generate(model, input_ids, torch.ones_like(input_ids), [0], generation_config,
                                          streamer=streamer, stop_event=stop)
-        except BaseException as exc:  # surfaced in the consuming thread
+        except Exception as exc:  # noqa: BLE001  (re-raised in the consuming thread)
             result["error"] = exc
             streamer.end()
 

@@ -46,6 +46,7 @@ FALLBACK_TEMPERATURE = 0.3  # when the model's generation config has none
 CHAT_LABEL = "Role-Playing"
 BASE_LABEL = "Base model"
 FINETUNED_LABEL = "Fine-tuned"
+CHAT_BUTTONS = ["copy", "copy_all"]  # no "share" (to Hugging Face): the demo is local
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,12 +74,6 @@ def clean_history(history: Sequence[Any] | None) -> list[Message]:
         if isinstance(content, str):
             out.append({"role": message["role"], "content": content})
     return out
-
-
-def display_history(history: Sequence[Message]) -> list[Message]:
-    """What the chatbot shows: the text HTML-escaped, so markup-like model output such as `<reserved_42>`
-    is shown literally instead of vanishing as an unknown tag (Markdown still renders)."""
-    return [{"role": m["role"], "content": html.escape(m["content"], quote=False)} for m in history]
 
 
 def build_messages(role: str, history: Sequence[Any] | None, user_text: str,
@@ -158,6 +153,12 @@ class ChatBackend:
                     threading.Thread(target=replies.close, name="close-chat-stream", daemon=True).start()
 
 
+def warn(message: str) -> None:
+    """A yellow toast on the page (`gr.Warning` renders HTML, so the text is escaped); outside a Gradio
+    request it is a UserWarning."""
+    gr.Warning(html.escape(message))
+
+
 def _refuse(text: str | None, backend: ChatBackend, role: str, max_new_tokens: float) -> str | None:
     problem = check_input(text, backend.max_input_chars)
     if problem is None and role not in backend.profiles:
@@ -177,7 +178,7 @@ def respond(backend: ChatBackend, user_text: str, history: Sequence[Any] | None,
     history = clean_history(history)
     problem = _refuse(user_text, backend, role, max_new_tokens)
     if problem:
-        gr.Warning(problem)
+        warn(problem)
         yield history, user_text
         return
     turn = [*history, {"role": "user", "content": user_text}]
@@ -188,7 +189,7 @@ def respond(backend: ChatBackend, user_text: str, history: Sequence[Any] | None,
         for reply in backend.stream(build_messages(role, history, user_text, backend.profiles), config):
             yield [*turn, {"role": "assistant", "content": reply}], ""
     except utils.UserError as e:
-        gr.Warning(str(e))
+        warn(str(e))
         yield history, user_text
         return
     yield [*turn, {"role": "assistant", "content": reply}], ""
@@ -204,7 +205,7 @@ def respond_compare(backend: ChatBackend, user_text: str, base_history: Sequence
     base, tuned = clean_history(base_history), clean_history(tuned_history)
     problem = _refuse(user_text, backend, role, max_new_tokens)
     if problem:
-        gr.Warning(problem)
+        warn(problem)
         yield base, tuned, user_text
         return
     user = {"role": "user", "content": user_text}
@@ -221,7 +222,7 @@ def respond_compare(backend: ChatBackend, user_text: str, base_history: Sequence
             for tuned_reply in backend.stream(build_messages(role, tuned, user_text, backend.profiles), config):
                 yield base_turn, [*tuned_turn, {"role": "assistant", "content": tuned_reply}], ""
     except utils.UserError as e:
-        gr.Warning(str(e))
+        warn(str(e))
         yield base, tuned, user_text
         return
     yield base_turn, [*tuned_turn, {"role": "assistant", "content": tuned_reply}], ""
@@ -229,7 +230,7 @@ def respond_compare(backend: ChatBackend, user_text: str, base_history: Sequence
 
 def new_conversation(n_chats: int = 1) -> tuple[Any, ...]:
     """Values that start a fresh conversation: empty chatbots, empty conversation states, empty input box."""
-    return (*([[]] * (2 * n_chats)), "")
+    return (*([] for _ in range(2 * n_chats)), "")
 
 
 def role_card(role: str, profiles: dict[str, str]) -> str:
@@ -251,11 +252,11 @@ def build_ui(backend: ChatBackend, compare: bool = False, title: str = "RolePlay
             with gr.Column(scale=4):
                 if compare:
                     with gr.Row():
-                        base_chat = gr.Chatbot(label=BASE_LABEL, height=480, elem_id="base-chat")
-                        tuned_chat = gr.Chatbot(label=FINETUNED_LABEL, height=480, elem_id="tuned-chat")
-                    chats = [base_chat, tuned_chat]
+                        chats = [gr.Chatbot(label=BASE_LABEL, height=540, elem_id="base-chat", buttons=CHAT_BUTTONS),
+                                 gr.Chatbot(label=FINETUNED_LABEL, height=540, elem_id="tuned-chat",
+                                            buttons=CHAT_BUTTONS)]
                 else:
-                    chats = [gr.Chatbot(label=CHAT_LABEL, height=520, elem_id="chat")]
+                    chats = [gr.Chatbot(label=CHAT_LABEL, height=580, elem_id="chat", buttons=CHAT_BUTTONS)]
                 user_box = gr.Textbox(show_label=False, lines=2, max_lines=8, elem_id="user-input",
                                       placeholder=f"Type a message (at most {cap} characters), Enter to send")
                 with gr.Row():
@@ -270,17 +271,18 @@ def build_ui(backend: ChatBackend, compare: bool = False, title: str = "RolePlay
                 top_p = gr.Slider(*TOP_P_RANGE, value=DEFAULT_TOP_P, step=0.01, label="Top-p", elem_id="top-p")
                 temperature = gr.Slider(*TEMPERATURE_RANGE, value=backend.default_temperature(), step=0.01,
                                         label="Temperature", elem_id="temperature")
-        states = [gr.State([]) for _ in chats]  # this session's conversations (exact text, not the display)
+        # This session's conversations: the exact text (the chatbot's copy comes back normalised).
+        states = [gr.State([]) for _ in chats]
         knobs = [role_dd, max_tokens, top_p, temperature]
 
         if compare:
             def chat_fn(text: str, base: list, tuned: list, role: str, n: float, p: float, t: float) -> Iterator:
                 for b, f, box in respond_compare(backend, text, base, tuned, role, n, p, t):
-                    yield display_history(b), display_history(f), b, f, box
+                    yield b, f, b, f, box
         else:
             def chat_fn(text: str, history: list, role: str, n: float, p: float, t: float) -> Iterator:
                 for h, box in respond(backend, text, history, role, n, p, t):
-                    yield display_history(h), h, box
+                    yield h, h, box
 
         chat_event = gr.on(
             triggers=[user_box.submit, submit_btn.click], fn=chat_fn, inputs=[user_box, *states, *knobs],
@@ -290,8 +292,10 @@ def build_ui(backend: ChatBackend, compare: bool = False, title: str = "RolePlay
         )
 
         resettable = [*chats, *states, user_box]
-        clear_btn.click(lambda: new_conversation(len(chats)), None, resettable, cancels=[chat_event],
-                        concurrency_limit=None, api_visibility="private")
+        # Clear, and the chatbots' own trash icon, empty the conversation state too (not only the display).
+        for trigger in (clear_btn.click, *(chat.clear for chat in chats)):
+            trigger(lambda: new_conversation(len(chats)), None, resettable, cancels=[chat_event],
+                    concurrency_limit=None, api_visibility="private")
         role_dd.change(lambda role: (*new_conversation(len(chats)), role_card(role, backend.profiles)), role_dd,
                        [*resettable, card], cancels=[chat_event], concurrency_limit=None, api_visibility="private")
     return demo

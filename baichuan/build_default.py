@@ -31,8 +31,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import utils  # noqa: E402
-from utils import UserError  # noqa: E402
+import utils
+from utils import UserError
 
 BASE_DIR = "data/base"
 TEMPLATES_PATH = "data/attribute_templates.json"

@@ -78,5 +78,11 @@ class BaichuanConfig(PretrainedConfig):
         """Per-head width (hidden_size / num_attention_heads); there is no separate key/value head count."""
         return self.hidden_size // self.num_attention_heads
 
+    @head_dim.setter
+    def head_dim(self, value: int) -> None:
+        # Derived, not stored; a config file that spells it out must agree with the sizes.
+        if value != self.hidden_size // self.num_attention_heads:
+            raise ValueError(f"head_dim {value} contradicts hidden_size / num_attention_heads")
+
 
 __all__ = ["BaichuanConfig", "infer_position_embedding"]

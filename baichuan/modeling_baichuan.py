@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from threading import Thread
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -352,9 +352,12 @@ class BaichuanPreTrainedModel(PreTrainedModel):
     config: BaichuanConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["DecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
-    _keys_to_ignore_on_load_unexpected = [r"decoder\.version", r"rotary_emb\.(inv_freq|cos_cached|sin_cached)"]
+    _no_split_modules: ClassVar[list[str]] = ["DecoderLayer"]
+    _skip_keys_device_placement: ClassVar[list[str]] = ["past_key_values"]
+    _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [
+        r"decoder\.version",
+        r"rotary_emb\.(inv_freq|cos_cached|sin_cached)",
+    ]
     # Attention runs through torch SDPA (or the eager equivalent); no flash/flex kernels.
     _supports_sdpa = True
     _supports_flash_attn = False
@@ -654,8 +657,14 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         return model_inputs
 
     @staticmethod
-    def _reorder_cache(past_key_values: LegacyCache, beam_idx: torch.LongTensor) -> LegacyCache:
-        """Reorder legacy (k, v) tuples along the batch for beam search (Cache objects reorder themselves)."""
+    def _reorder_cache(past_key_values: Cache | LegacyCache, beam_idx: torch.LongTensor) -> Cache | LegacyCache:
+        """Reorder the cache along the batch for beam search (`Cache` in place; legacy tuples copied).
+
+        transformers 5 calls this hook whenever a model defines it, for `Cache` objects too.
+        """
+        if isinstance(past_key_values, Cache):
+            past_key_values.reorder_cache(beam_idx)
+            return past_key_values
         return tuple(
             tuple(state.index_select(0, beam_idx.to(state.device)) for state in layer) for layer in past_key_values
         )
@@ -686,8 +695,10 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         def run() -> None:
             try:
                 self.generate(input_ids, generation_config=generation_config, streamer=streamer)
-            except BaseException as exc:  # surface generation errors in the consuming thread
+            except Exception as exc:  # noqa: BLE001 -- re-raised in the consuming thread instead of hanging it
                 streamer.fail(exc)
+            finally:
+                streamer.end()  # harmless after generate's own end(); unblocks the consumer on any exit
 
         def iterate() -> Iterator[str]:
             thread = Thread(target=run, daemon=True)

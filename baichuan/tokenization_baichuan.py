@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from shutil import copyfile
-from typing import Any
+from typing import Any, ClassVar
 
 import sentencepiece as spm
 from transformers import PreTrainedTokenizer
@@ -37,7 +37,7 @@ class BaichuanTokenizer(PreTrainedTokenizer):
     """
 
     vocab_files_names = VOCAB_FILES_NAMES
-    model_input_names = ["input_ids", "attention_mask"]
+    model_input_names: ClassVar[list[str]] = ["input_ids", "attention_mask"]
 
     def __init__(
         self,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -60,6 +61,7 @@ RECIPES = {
     "real": {"batch_size": 2, "grad_accum": 4, "lr": 1e-4, "weight_decay": 0.1, "warmup_ratio": 0.03,
              "lora_dropout": 0.1},
 }
+REAL_HIDDEN_SIZE = 1024  # models at least this wide get the real recipe, smaller ones the tiny one
 # dense bf16 peak, TFLOP/s (vendor datasheets, no sparsity)
 GPU_PEAK_TFLOPS = {"H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H200": 989.0, "H100 NVL": 835.0,
                    "H100 PCIe": 756.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
@@ -151,13 +153,20 @@ def median_of(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def own_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def git_revision() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False,
+                              timeout=10).stdout.strip()
+
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-        return (out.stdout.strip() or "no commit") + (" (+ uncommitted changes)" if dirty else "")
+        dirty = " (+ uncommitted changes)" if git("status", "--porcelain") else ""
+        return (git("rev-parse", "--short", "HEAD") or "no commit") + dirty
     except (OSError, subprocess.SubprocessError):
         return "n/a"
 
@@ -206,28 +215,32 @@ class Bench:
             raise RuntimeError(f"{name} exited with {child.rc}; log {log}:\n{tail}")
         return child
 
-    def worker(self, task: str, name: str, *extra: str) -> tuple[dict, Child]:
+    def worker(self, task: str, name: str, *extra: str, mode: str = "qlora", steps: int = 0) -> tuple[dict, Child]:
+        """bench/workers.py `task` in a fresh process with train.py's flags for these settings."""
         out = self.work / f"{name}.json"
-        cmd = [sys.executable, str(REPO / "bench" / "workers.py"), task, "--json", str(out), "--model", self.s.model,
-               "--train_path", self.s.train_path, *extra]
+        cmd = [sys.executable, str(REPO / "bench" / "workers.py"), task, "--json", str(out), *extra,
+               *self.train_py_flags(mode, steps)]
         child = self.run_child(name, cmd)
         return json.loads(out.read_text(encoding="utf-8")), child
 
-    def train_flags(self, steps: int) -> list[str]:
+    def train_py_flags(self, mode: str, steps: int) -> list[str]:
+        """train.py's flags for these settings, as train.sh passes them (plus --max_steps, no eval)."""
         s = self.s
-        flags = ["--steps", str(steps), "--batch_size", str(s.batch_size), "--grad_accum", str(s.grad_accum),
-                 "--max_len", str(s.max_len), "--max_src_len", str(s.max_src_len), "--lr", str(s.lr),
-                 "--weight_decay", str(s.weight_decay), "--warmup_ratio", str(s.warmup_ratio),
-                 "--lora_r", str(s.lora_r), "--lora_alpha", str(s.lora_alpha), "--lora_dropout", str(s.lora_dropout),
-                 "--seed", str(s.seed)]
+        flags = ["--model_name_or_path", s.model, "--train_path", s.train_path, "--test_path", "",
+                 "--train_mode", mode, "--per_device_train_batch_size", str(s.batch_size),
+                 "--gradient_accumulation_steps", str(s.grad_accum), "--max_len", str(s.max_len),
+                 "--max_src_len", str(s.max_src_len), "--learning_rate", str(s.lr),
+                 "--weight_decay", str(s.weight_decay), "--num_train_epochs", "1", "--max_steps", str(steps),
+                 "--warmup_ratio", str(s.warmup_ratio), "--lora_dim", str(s.lora_r), "--lora_alpha", str(s.lora_alpha),
+                 "--lora_dropout", str(s.lora_dropout), "--ds_file", str(REPO / "ds_zero2_no_offload.json"),
+                 "--seed", str(s.seed), "--save_model_step", "0", "--is_skip"]
         return flags + (["--gradient_checkpointing"] if s.gradient_checkpointing else [])
 
     def profile(self, mode: str) -> tuple[dict, Child]:
         """train.py's loop, timed per phase, in `mode` (cached: train and memory share the qlora run)."""
         key = f"ours_{mode}"
         if key not in self.cache:
-            self.cache[key] = self.worker("ours", key, "--mode", mode,
-                                          *self.train_flags(self.s.warmup + self.s.profile_steps))
+            self.cache[key] = self.worker("ours", key, mode=mode, steps=self.s.warmup + self.s.profile_steps)
         return self.cache[key]
 
     # --- sections ---------------------------------------------------------------------------
@@ -237,38 +250,33 @@ class Bench:
                 continue
             try:
                 getattr(self, f"section_{name}")()
-            except Exception as e:  # one broken section must not hide the others' figures
+            except Exception as e:  # noqa: BLE001  (one broken section must not hide the others' figures)
                 msg = f"{name}: {type(e).__name__}: {e}"
                 print(f"bench: section {msg}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
                 self.failures.append(msg)
                 self.rows.append(Row(name, "FAILED", str(e).splitlines()[0][:200]))
 
     def section_train(self) -> None:
-        ours, ours_child = self.run_train_py()
+        entries, ours_child = self.run_train_py()
         alt, alt_child = self.worker("trainer", "hf_trainer", "--workdir", str(self.work / "hf_trainer"),
-                                     *self.train_flags(self.s.warmup + self.s.steps))
+                                     steps=self.s.warmup + self.s.steps)
         prof, _ = self.profile("qlora")
+        w = self.s.warmup
+        ours = phase_summary(train_py_steps(entries, alt["epoch_padding"]["ours_step_sizes"], w))
         self.cache.update(train_py_rss=ours_child.maxrss, trainer_rss=alt_child.maxrss, ours_tok_s=ours["tok_s"])
-        self.report_train(ours, alt, prof)
+        self.report_train(ours, alt, phase_summary(alt["steps"][w:]), prof, phase_summary(prof["steps"][w:]))
 
-    def run_train_py(self) -> tuple[dict, Child]:
-        """train.py as train.sh launches it (deepspeed launcher), with --max_steps; tokens/s and padding
-        share from its trainer_state.json `throughput` entries, warm-up steps skipped."""
+    def run_train_py(self) -> tuple[list[list[float]], Child]:
+        """train.py as train.sh launches it (deepspeed launcher), with --max_steps; returns its logged
+        per-step throughput entries."""
         s = self.s
         out = self.work / "train_py"
-        cmd = self.launcher_cmd() + [
-            str(REPO / "train.py"), "--model_name_or_path", s.model, "--train_path", s.train_path, "--test_path", "",
-            "--output_dir", str(out), "--train_mode", "qlora", "--per_device_train_batch_size", str(s.batch_size),
-            "--gradient_accumulation_steps", str(s.grad_accum), "--max_len", str(s.max_len),
-            "--max_src_len", str(s.max_src_len), "--learning_rate", str(s.lr), "--weight_decay", str(s.weight_decay),
-            "--num_train_epochs", "1", "--max_steps", str(s.warmup + s.steps), "--warmup_ratio", str(s.warmup_ratio),
-            "--lora_dim", str(s.lora_r), "--lora_alpha", str(s.lora_alpha), "--lora_dropout", str(s.lora_dropout),
-            "--ds_file", str(REPO / "ds_zero2_no_offload.json"), "--seed", str(s.seed), "--save_model_step", "0",
-            "--is_skip"] + (["--gradient_checkpointing"] if s.gradient_checkpointing else [])
+        cmd = [*self.launcher_cmd(), str(REPO / "train.py"), "--output_dir", str(out),
+               *self.train_py_flags("qlora", s.warmup + s.steps)]
         self.cache["train_py_cmd"] = shlex.join(cmd)
         # cwd is a scratch folder: train.py writes images/loss.png relative to it
         child = self.run_child("train_py", cmd, cwd=self.work)
-        return read_train_py_state(out, s.warmup), child
+        return read_train_py_state(out), child
 
     def launcher_cmd(self) -> list[str]:
         exe = shutil.which("deepspeed")
@@ -278,47 +286,50 @@ class Bench:
             self.s.notes.append("`deepspeed` launcher not on PATH: train.py ran as `python train.py`")
         return [sys.executable]
 
-    def report_train(self, ours: dict, alt: dict, prof: dict) -> None:
+    def report_train(self, ours: dict, alt: dict, alt_sum: dict, prof: dict, prof_sum: dict) -> None:
         s = self.s
-        w = s.warmup
-        alt_sum = phase_summary(alt["steps"][w:])
-        prof_sum = phase_summary(prof["steps"][w:])
         epoch = alt["epoch_padding"]
         ratio = ours["tok_s"] / alt_sum["tok_s"]
         self.rows += [
-            Row("train", f"QLoRA tokens/s (non-padding), median of {len(ours['steps'])} steps: ours train.py vs "
-                "HF Trainer", f"{ours['tok_s']:.0f}", f"{alt_sum['tok_s']:.0f}", f"{ratio:.2f}x", ">= 1.3x",
-                verdict(ratio >= 1.3)),
-            Row("train", "padding share, whole epoch (ours: length-grouped, x8; Trainer: random, longest)",
+            Row("train", f"QLoRA tokens/s (non-padding; total tokens / total time of {ours['n']} steps): ours "
+                "train.py vs HF Trainer", f"{ours['tok_s']:.0f}", f"{alt_sum['tok_s']:.0f}", f"{ratio:.2f}x",
+                ">= 1.3x", verdict(ratio >= 1.3)),
+            Row("train", "padding share, whole epoch (ours: length-grouped, padded to x8; Trainer: random "
+                f"batches, padded to the longest); ours without the x8 rounding: {pct(epoch['ours_longest'])}",
                 pct(epoch["ours"]), pct(epoch["random_longest"]), "", "ours < 5%", verdict(epoch["ours"] < 0.05)),
             Row("train", "padding share, measured steps", pct(ours["pad"]), pct(alt_sum["pad"]), "", "ours < 5%",
                 verdict(ours["pad"] < 0.05)),
-            Row("train", "padded positions/s (compute speed; ours = train.py's loop timed per phase)",
-                f"{prof_sum['pos_s']:.0f}", f"{alt_sum['pos_s']:.0f}", f"{prof_sum['pos_s'] / alt_sum['pos_s']:.2f}x"),
+            Row("train", "padded positions/s (compute speed)", f"{ours['pos_s']:.0f}", f"{alt_sum['pos_s']:.0f}",
+                f"{ours['pos_s'] / alt_sum['pos_s']:.2f}x"),
         ]
-        self.details.append(train_details(ours, alt, prof, alt_sum, prof_sum, ratio, s))
+        self.details.append(train_details(ours, alt, alt_sum, prof, prof_sum, ratio))
+        if {alt["threads"], prof["threads"]} != {s.threads}:
+            s.notes.append(f"thread counts differ from --threads {s.threads}: Trainer {alt['threads']}, "
+                           f"profiled loop {prof['threads']}")
         if alt["lengths"]["n"] < (s.warmup + s.steps) * s.batch_size * s.grad_accum:
             s.notes.append("the training set is smaller than the steps asked for: the runs wrapped around an epoch "
                            "(train.py then saves a checkpoint inside a timed step); use more data or fewer --steps")
 
     def section_memory(self) -> None:
-        w, child = self.worker("weights", "weights")
+        w, _ = self.worker("weights", "weights")
         self.cache["weights"] = w
         for part, label in (("whole", "whole model"), ("linear", "decoder linear layers only")):
             r = w["nf4"][part] / w["bf16"][part]
             self.rows.append(Row("memory", f"resident weights, {label}: NF4+double quant vs bf16 (fp32: "
                                  f"{mib(w['fp32'][part])})", mib(w["nf4"][part]), mib(w["bf16"][part]), pct(r),
                                  "<= 30%", verdict(r <= 0.30)))
-        base = self.run_child("runtime_baseline", [sys.executable, "-c", "import torch, transformers, peft, "
-                                                   "bitsandbytes, deepspeed, baichuan, train"])
+        runtime = 0
         for mode in self.s.modes:
             prof, c = self.profile(mode)
+            runtime = prof["rss_after_imports"]
             self.rows.append(Row("memory", f"peak RSS, {len(prof['steps'])} training steps, {mode} (train.py's loop; "
-                                 "reference: interpreter + imports only)", mib(c.maxrss), mib(base.maxrss)))
+                                 "reference: the same process after its imports, before loading the model)",
+                                 mib(c.maxrss), mib(runtime)))
         for key, label in (("train_py_rss", "train.py under the launcher (incl. checkpoint save)"),
                            ("trainer_rss", "HF Trainer alternative")):
             if key in self.cache:
-                self.rows.append(Row("memory", f"peak RSS, qlora, {label}", mib(self.cache[key]), mib(base.maxrss)))
+                self.rows.append(Row("memory", f"peak RSS, qlora, {label}", mib(self.cache[key]),
+                                     mib(runtime) if runtime else ""))
         self.details.append(memory_details(w))
 
     def section_generation(self) -> None:
@@ -333,8 +344,9 @@ class Bench:
                 f"{chat:.1f}", f"{nocache:.1f}", f"{chat / nocache:.2f}x", ">= 1x", verdict(chat >= nocache)),
             Row("generation", "time to first streamed token: model.chat(stream=True) vs utils.chat_stream",
                 f"{1000 * g['ttft_model_chat_s']:.0f} ms", f"{1000 * g['ttft_chat_stream_s']:.0f} ms"),
-            Row("generation", "utils.generate_batch tokens/s: batch 8 vs batch 1", f"{b8:.1f}", f"{b1:.1f}",
-                f"{b8 / b1:.2f}x"),
+            Row("generation", f"utils.generate_batch tokens/s on the same {len(g['batch_prompt_tokens'])} prompts "
+                f"({min(g['batch_prompt_tokens'])}-{max(g['batch_prompt_tokens'])} tokens): batch 8 vs batch 1",
+                f"{b8:.1f}", f"{b1:.1f}", f"{b8 / b1:.2f}x"),
         ]
 
     def section_data(self) -> None:
@@ -350,15 +362,13 @@ class Bench:
                              f"(median of {len(times)}, process start included)", f"{median_of(times):.2f} s"))
 
     def section_gpu(self) -> None:
-        import torch
-
-        if not torch.cuda.is_available():
+        w = self.cache.get("weights") or self.worker("weights", "weights")[0]
+        name, params = w["cuda_device"], w["params"]
+        if not name:
             self.rows.append(Row("gpu", "QLoRA tokens/s and MFU on GPU", "not measured on GPU yet"))
             return
-        name = torch.cuda.get_device_name(0)
         peak = self.s.peak_tflops or next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), 0.0)
         tok_s = self.cache.get("ours_tok_s")
-        params = (self.cache.get("weights") or self.worker("weights", "weights")[0])["params"]
         if tok_s is None:
             self.rows.append(Row("gpu", f"MFU on {name}", "needs the train section (not run)"))
             return
@@ -391,63 +401,79 @@ def wait_with_timeout(proc: subprocess.Popen, timeout: float) -> tuple[int, Any]
     return status, usage
 
 
-def read_train_py_state(output_dir: Path, warmup: int) -> dict:
-    """Median tokens/s and mean padding share of train.py's post-warm-up steps (newest checkpoint)."""
+def read_train_py_state(output_dir: Path) -> list[list[float]]:
+    """train.py's `throughput` entries [step, tokens/s, padding share] (newest checkpoint's trainer_state.json)."""
     import train
 
     ckpts = train.list_checkpoints(str(output_dir))
     if not ckpts:
         raise RuntimeError(f"train.py wrote no complete checkpoint in {output_dir}")
     state = json.loads((ckpts[-1][1] / "trainer_state.json").read_text(encoding="utf-8"))
-    entries = [e for e in state.get("throughput", []) if e[0] > warmup]
-    if not entries:
-        raise RuntimeError(f"{ckpts[-1][1]}: no throughput entries after {warmup} warm-up steps")
-    return {"tok_s": median_of([e[1] for e in entries]), "pad": statistics.fmean(e[2] for e in entries),
-            "steps": entries}
+    return state.get("throughput", [])
+
+
+def train_py_steps(entries: list[list[float]], sizes: list[list[int]], warmup: int) -> list[dict]:
+    """train.py's post-warm-up steps as {tokens, positions, seconds}. Its log holds per-step rates only;
+    the tokens of each step are recomputed from its (seeded) sampler and checked against the logged
+    padding share, so the seconds follow exactly (tokens / rate)."""
+    steps = []
+    for (step, tok_s, pad), (tokens, positions) in zip(entries, sizes, strict=False):
+        if abs((1 - tokens / positions) - pad) > 1e-6:
+            raise RuntimeError(f"train.py step {step}: logged padding {pad:.6f} does not match the recomputed "
+                               f"batches ({1 - tokens / positions:.6f}): the sampler replay is out of date")
+        if step > warmup:
+            steps.append({"tokens": tokens, "positions": positions, "seconds": tokens / tok_s})
+    if not steps:
+        raise RuntimeError(f"train.py logged no step after {warmup} warm-up steps")
+    return steps
 
 
 PHASES = ("data", "forward", "backward", "optimizer")
 
 
 def phase_summary(steps: list[dict]) -> dict:
-    """Medians over steps: non-padding tokens/s, padded positions/s, seconds per phase; padding share."""
-    out = {"tok_s": median_of([st["tokens"] / st["seconds"] for st in steps]),
-           "pos_s": median_of([st["positions"] / st["seconds"] for st in steps]),
-           "pad": 1 - sum(st["tokens"] for st in steps) / max(1, sum(st["positions"] for st in steps)),
-           "step_s": median_of([st["seconds"] for st in steps])}
-    for ph in PHASES:
-        out[ph] = median_of([st[ph] for st in steps])
-    out["other"] = median_of([st["seconds"] - sum(st[ph] for ph in PHASES) for st in steps])
+    """Totals over the steps: tokens/s and padded positions/s (total / total time), padding share,
+    mean seconds per step and per phase (where recorded)."""
+    seconds = sum(st["seconds"] for st in steps)
+    tokens, positions = sum(st["tokens"] for st in steps), sum(st["positions"] for st in steps)
+    out = {"tok_s": tokens / seconds, "pos_s": positions / seconds, "pad": 1 - tokens / positions,
+           "step_s": seconds / len(steps), "n": len(steps)}
+    if all(ph in steps[0] for ph in PHASES):
+        for ph in PHASES:
+            out[ph] = sum(st[ph] for st in steps) / len(steps)
+        out["other"] = out["step_s"] - sum(out[ph] for ph in PHASES)
     return out
 
 
-def train_details(ours: dict, alt: dict, prof: dict, alt_sum: dict, prof_sum: dict, ratio: float,
-                  s: Settings) -> str:
+def train_details(ours: dict, alt: dict, alt_sum: dict, prof: dict, prof_sum: dict, ratio: float) -> str:
     """The 'where the time goes' table and the decomposition of the speed ratio."""
-    lines = ["### Training: where the time goes (median per optimizer step, warm-up excluded)", "",
-             "| | data | forward | backward | optimizer / engine step | other | step | padded positions/s "
-             "| tokens/s | padding |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for label, x in ((f"ours: train.py's loop ({prof['optimizer']}, {prof['precision']})", prof_sum),
-                     (f"HF Trainer ({alt['optimizer']}, {alt['precision']})", alt_sum)):
+    lines = ["### Training: where the time goes (mean per optimizer step, warm-up excluded)", "",
+             ("| run | data | forward | backward | optimizer / engine step | other | step | padded positions/s "
+              "| tokens/s | padding |"), "|---|---|---|---|---|---|---|---|---|---|"]
+    runs = ((f"ours: train.py's loop, profiled ({prof['optimizer']}, {prof['precision']})", prof_sum),
+            (f"HF Trainer ({alt['optimizer']}, {alt['precision']})", alt_sum))
+    for label, x in runs:
         cells = " | ".join(f"{1000 * x[p]:.0f} ms ({pct(x[p] / x['step_s'])})" for p in (*PHASES, "other"))
         lines.append(f"| {label} | {cells} | {1000 * x['step_s']:.0f} ms | {x['pos_s']:.0f} | {x['tok_s']:.0f} "
                      f"| {pct(x['pad'])} |")
-    pad_factor = (1 - alt["epoch_padding"]["ours"]) / (1 - alt["epoch_padding"]["random_longest"])
-    compute_factor = prof_sum["pos_s"] / alt_sum["pos_s"]
-    lines += ["", f"Speed ratio ours/Trainer = **{ratio:.2f}x** (train.py's own log, {len(ours['steps'])} steps, "
-              f"vs the Trainer's {len(alt['steps']) - s.warmup}). It factors into padding and compute speed:",
-              f"- useful share of the computed positions, ours/Trainer (whole epoch): (1 - "
-              f"{pct(alt['epoch_padding']['ours'])}) / (1 - {pct(alt['epoch_padding']['random_longest'])}) = "
-              f"**{pad_factor:.2f}x**;",
-              f"- padded positions per second, ours/Trainer: **{compute_factor:.2f}x** (engine, precision and "
-              "optimizer; shorter batches also cost less attention per position);",
-              f"- product {pad_factor * compute_factor:.2f}x vs measured {ratio:.2f}x (the rest is run-to-run noise "
-              f"and the profiled loop vs train.py: train.py's median {ours['tok_s']:.0f} tok/s, its loop "
-              f"profiled {prof_sum['tok_s']:.0f} tok/s).",
-              "- data = fetching and collating a batch (ours: the DataLoader with the length-grouped sampler; the "
-              "Trainer: DataCollatorForSeq2Seq); optimizer = engine.step() (ours: DeepSpeed ZeRO-2 "
-              "bf16 optimizer with fp32 master weights, gradient clipping, scheduler) or the optimizer step "
-              "(Trainer); other = the Trainer's/engine's remaining bookkeeping (grad clipping, zero_grad, callbacks)."]
+    lines.append(f"| ours: train.py itself (its log) | | | | | | {1000 * ours['step_s']:.0f} ms | {ours['pos_s']:.0f} "
+                 f"| {ours['tok_s']:.0f} | {pct(ours['pad'])} |")
+    epoch = alt["epoch_padding"]
+    pad_factor = (1 - epoch["ours"]) / (1 - epoch["random_longest"])
+    compute_factor = ours["pos_s"] / alt_sum["pos_s"]
+    lines += ["", f"Speed ratio ours/Trainer = **{ratio:.2f}x** = useful share of computed positions x positions/s:",
+              (f"- padding: (1 - {pct(ours['pad'])}) / (1 - {pct(alt_sum['pad'])}) = "
+               f"**{(1 - ours['pad']) / (1 - alt_sum['pad']):.2f}x** on the measured steps "
+               f"({pad_factor:.2f}x over a whole epoch: {pct(epoch['ours'])} vs {pct(epoch['random_longest'])});"),
+              (f"- padded positions per second: **{compute_factor:.2f}x** (engine, precision, optimizer; shorter "
+               "batches also cost less attention per position);"),
+              (f"- train.py's loop re-run with timers (the profiled row) reached {prof_sum['tok_s']:.0f} tok/s vs "
+               f"train.py's own {ours['tok_s']:.0f}: the gap is run-to-run noise plus what the profile leaves out "
+               "(tqdm/TensorBoard logging, the per-step all-reduce of the statistics)."),
+              ("- data = fetching and collating a batch (ours: DataLoader over the length-grouped sampler and "
+               "utils.DataCollator; Trainer: DataCollatorForSeq2Seq); optimizer = engine.step() (ours: DeepSpeed "
+               "ZeRO-2 bf16 optimizer with fp32 master weights, gradient clipping, LR schedule) or the optimizer "
+               "step (Trainer); other = the rest of the step (Trainer: clipping, zero_grad, callbacks).")]
     return "\n".join(lines)
 
 
@@ -455,10 +481,10 @@ def memory_details(w: dict) -> str:
     rows = [f"| {k} | {mib(w[k]['whole'])} | {mib(w[k]['linear'])} | {w[k]['load_seconds']:.2f} s |"
             for k in ("nf4", "bf16", "fp32")]
     return "\n".join(["### Memory: resident weight bytes", "",
-                      f"{w['params']:,} parameters, {w['linear_params']:,} of them in the decoder's linear layers "
+                      (f"{w['params']:,} parameters, {w['linear_params']:,} of them in the decoder's linear layers "
                       f"({pct(w['linear_params'] / w['params'])}); only those are quantized (embeddings, norms and "
                       "the NormHead stay in bf16), so on a tiny model the whole-model ratio is dominated by the "
-                      "unquantized embeddings and head; the linear-only ratio is what a 7B model approaches.", "",
+                      "unquantized embeddings and head; the linear-only ratio is what a 7B model approaches."), "",
                       "| load | whole model | decoder linears | load time |", "|---|---|---|---|", *rows])
 
 
@@ -468,23 +494,34 @@ def memory_details(w: dict) -> str:
 def resolve_model(args: argparse.Namespace, work: Path, notes: list[str]) -> tuple[str, str]:
     """(model folder, recipe name). --quick without --model, or a missing default, uses a random tiny
     Baichuan2 built in the scratch folder (development only: says so in the report)."""
-    from bench.synth import random_tiny_model
-
     if args.model:
-        path = Path(args.model)
-        if not (path / "config.json").is_file():
+        config = Path(args.model) / "config.json"
+        if not config.is_file():
             raise SystemExit(f"error: --model {args.model}: no config.json there")
-        default = path.resolve() == (REPO / DEFAULT_MODEL).resolve()
-        return str(path.resolve()), "tiny" if default else "real"
-    if args.quick:
-        return str(random_tiny_model(work / "tiny-model", default_shape=False)), "tiny"
-    if (REPO / DEFAULT_MODEL / "config.json").is_file():
+        hidden = json.loads(config.read_text(encoding="utf-8")).get("hidden_size", 0)
+        return str(Path(args.model).resolve()), "real" if hidden >= REAL_HIDDEN_SIZE else "tiny"
+    if not args.quick and (REPO / DEFAULT_MODEL / "config.json").is_file():
         return str(REPO / DEFAULT_MODEL), "tiny"
-    msg = (f"{DEFAULT_MODEL} not built (python -m baichuan.build_default): using a RANDOM tiny Baichuan2 of the "
-           "same shape (development only)")
-    print(f"bench: warning: {msg}", file=sys.stderr, flush=True)
-    notes.append(msg)
-    return str(random_tiny_model(work / "tiny-model", default_shape=True)), "tiny"
+    if not args.quick:
+        msg = (f"{DEFAULT_MODEL} not built (python -m baichuan.build_default): using a RANDOM tiny Baichuan2 of "
+               "the same shape (development only)")
+        print(f"bench: warning: {msg}", file=sys.stderr, flush=True)
+        notes.append(msg)
+    return make_random_model(work, default_shape=not args.quick), "tiny"
+
+
+def make_random_model(work: Path, default_shape: bool) -> str:
+    """bench.synth.random_tiny_model in a child process: torch is never imported here, so this
+    process stays small (a child's peak RSS from wait4 includes this process's RSS at fork time)."""
+    folder = work / "tiny-model"
+    code = ("import sys; from pathlib import Path; from bench.synth import random_tiny_model; "
+            "random_tiny_model(Path(sys.argv[1]), default_shape=sys.argv[2] == '1')")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", code, str(folder), "1" if default_shape else "0"], cwd=REPO,
+                          env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: building a random tiny model failed:\n{proc.stderr[-2000:]}")
+    return str(folder)
 
 
 def resolve_train_path(args: argparse.Namespace, work: Path, samples: int, notes: list[str]) -> str:
@@ -515,16 +552,19 @@ def build_settings(args: argparse.Namespace, work: Path) -> Settings:
     r.update({k: v for k, v in (("batch_size", args.batch_size), ("grad_accum", args.grad_accum)) if v})
     steps, warmup, profile = (2, 1, 2) if args.quick else (args.steps, args.warmup, args.profile_steps)
     train_path = resolve_train_path(args, work, (warmup + steps) * r["batch_size"] * r["grad_accum"], notes)
-    modes = tuple(m for m in args.modes.split(",") if m)
+    modes = tuple(m for m in (args.modes or "").split(",") if m)
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise SystemExit(f"error: --modes: unknown {bad}; choose from {','.join(MODES)}")
     s = Settings(model=model, train_path=train_path, recipe=recipe, steps=steps, warmup=warmup, profile_steps=profile,
-                 seed=args.seed, launcher=args.launcher, threads=args.threads, modes=modes,
+                 seed=args.seed, launcher=args.launcher or "deepspeed", threads=args.threads,
+                 modes=modes or (MODES if recipe == "tiny" else ("qlora", "lora")),
                  gradient_checkpointing=not args.no_gradient_checkpointing, peak_tflops=args.peak_tflops,
                  notes=notes, **r)
     if args.quick:
         s.new_tokens, s.repeats, s.data_lines, s.data_repeats = 4, 1, 600, 1
+        s.launcher = args.launcher or "python"
+        s.modes = modes if args.modes else ("qlora",)
     return s
 
 
@@ -534,13 +574,13 @@ def machine_info(s: Settings) -> list[str]:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else "?"
     versions = []
-    for mod in ("torch", "transformers", "peft", "bitsandbytes", "deepspeed", "accelerate"):
+    for dist in ("torch", "transformers", "peft", "bitsandbytes", "deepspeed", "accelerate", "trl"):
         try:
-            versions.append(f"{mod} {__import__(mod).__version__}")
-        except ImportError:
-            versions.append(f"{mod} (not installed)")
-    return [f"- machine: {cpu}; {os.cpu_count()} logical CPUs ({len(os.sched_getaffinity(0))} usable), "
-            f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM; {platform.platform()}",
+            versions.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{dist} (not installed)")
+    return [(f"- machine: {cpu}; {os.cpu_count()} logical CPUs ({len(os.sched_getaffinity(0))} usable), "
+            f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM; {platform.platform()}"),
             f"- threads per measurement: {s.threads} (OMP_NUM_THREADS/MKL_NUM_THREADS)",
             f"- python {platform.python_version()}; " + ", ".join(versions),
             f"- repository: {git_revision()}"]
@@ -548,14 +588,14 @@ def machine_info(s: Settings) -> list[str]:
 
 def settings_lines(s: Settings) -> list[str]:
     return [f"- model: `{s.model}` (recipe: train.sh's {s.recipe} settings)",
-            f"- data: `{s.train_path}`; max_len {s.max_len}, max_src_len {s.max_src_len}, over-long samples "
-            "dropped (--is_skip), the same tokenized samples (utils.Baichuan2PromptDataSet) for every run",
-            f"- batch {s.batch_size} x grad accum {s.grad_accum}; lr {s.lr}, weight decay {s.weight_decay}, warm-up "
+            (f"- data: `{s.train_path}`; max_len {s.max_len}, max_src_len {s.max_src_len}, over-long samples "
+            "dropped (--is_skip), the same tokenized samples (utils.Baichuan2PromptDataSet) for every run"),
+            (f"- batch {s.batch_size} x grad accum {s.grad_accum}; lr {s.lr}, weight decay {s.weight_decay}, warm-up "
             f"ratio {s.warmup_ratio}; LoRA r {s.lora_r}, alpha {s.lora_alpha}, dropout {s.lora_dropout}, all linear "
-            f"layers; gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}; seed {s.seed}",
-            f"- training runs: {s.warmup} warm-up + {s.steps} measured optimizer steps (profiled loop and "
+            f"layers; gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}; seed {s.seed}"),
+            (f"- training runs: {s.warmup} warm-up + {s.steps} measured optimizer steps (profiled loop and "
             f"per-mode memory runs: {s.warmup} + {s.profile_steps}); generation: {s.new_tokens} tokens, median of "
-            f"{s.repeats} after a warm-up call; data_helper: median of {s.data_repeats}"]
+            f"{s.repeats} after a warm-up call; data_helper: median of {s.data_repeats}")]
 
 
 def children_table(children: list[Child]) -> list[str]:
@@ -575,14 +615,17 @@ def render(b: Bench, command: str, started: datetime.datetime, load: tuple[float
             f"- load average (1 min) at start / end: {load[0]:.2f} / {load[1]:.2f}", "", "## Settings", "",
             *settings_lines(s), ""]
     if busy:
-        head += [f"> **Warning:** other processes used more than {pct(BUSY_SHARE_WARN)} of the CPU during "
-                 f"{', '.join(c.name for c in busy)}; those figures are not reliable (benchmark alone).", ""]
+        head += [(f"> **Warning:** other processes used more than {pct(BUSY_SHARE_WARN)} of the CPU during "
+                 f"{', '.join(c.name for c in busy)}; those figures are not reliable (benchmark alone)."), ""]
     table = ["## Results", "", "| section | metric | ours / measured | reference | ratio | goal | met |",
              "|---|---|---|---|---|---|---|"]
     table += [f"| {r.section} | {r.metric} | {r.value} | {r.reference} | {r.ratio} | {r.goal} | {r.met} |"
               for r in b.rows]
     notes = [f"- {n}" for n in s.notes]
-    tail = ["", *b.details, "", "## Processes", "", *children_table(b.children)]
+    tail = [line for d in b.details for line in ("", d)] + ["", "## Processes", "", *children_table(b.children),
+                                                             "", (f"Peak RSS is the process's maximum resident set "
+                                                             f"(wait4); it cannot read below this bench process's "
+                                                             f"own {mib(own_rss())} (inherited at fork).")]
     if "train_py_cmd" in b.cache:
         tail += ["", f"train.py command: `{b.cache['train_py_cmd']}`"]
     return "\n".join(head + table + ([""] + ["## Notes", ""] + notes if notes else []) + tail) + "\n"
@@ -603,11 +646,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="measured steps of the per-phase profile and of each per-mode memory run")
     p.add_argument("--batch_size", type=int, default=0, help="micro-batch size (default: train.sh's recipe)")
     p.add_argument("--grad_accum", type=int, default=0, help="gradient accumulation (default: train.sh's recipe)")
-    p.add_argument("--modes", default=",".join(MODES), help="train modes of the peak-RSS runs (comma list)")
+    p.add_argument("--modes", default="", help=f"train modes of the peak-RSS runs, comma list (default "
+                   f"{','.join(MODES)}; qlora,lora for a 7B-sized model, whose full fine-tuning needs more than one "
+                   "80 GB GPU; --quick: qlora)")
     p.add_argument("--no_gradient_checkpointing", action="store_true",
                    help="train without gradient checkpointing (train.sh uses it; so does the bench by default)")
-    p.add_argument("--launcher", choices=["deepspeed", "python"], default="deepspeed",
-                   help="how train.py is started: the deepspeed launcher like train.sh, or plain python")
+    p.add_argument("--launcher", choices=["deepspeed", "python"], default="",
+                   help="how train.py is started: the deepspeed launcher like train.sh (default), or plain "
+                        "python (default with --quick: saves two interpreter starts)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads per measurement")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="GPU bf16 dense peak for MFU (default: by name)")
     p.add_argument("--seed", type=int, default=1234, help="seed for data, init and batch order (every run)")

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -51,22 +52,6 @@ def now() -> float:
     return time.perf_counter()
 
 
-def train_namespace(a: argparse.Namespace, mode: str) -> argparse.Namespace:
-    """train.py's own argument namespace for these settings (so its loaders see what it would see)."""
-    import train
-
-    flags = ["--model_name_or_path", a.model, "--train_path", a.train_path, "--test_path", "",
-             "--train_mode", mode, "--per_device_train_batch_size", str(a.batch_size),
-             "--gradient_accumulation_steps", str(a.grad_accum), "--max_len", str(a.max_len),
-             "--max_src_len", str(a.max_src_len), "--learning_rate", str(a.lr), "--weight_decay", str(a.weight_decay),
-             "--lora_dim", str(a.lora_r), "--lora_alpha", str(a.lora_alpha), "--lora_dropout", str(a.lora_dropout),
-             "--seed", str(a.seed), "--max_steps", str(a.steps), "--warmup_ratio", str(a.warmup_ratio),
-             "--ds_file", a.ds_file, "--is_skip"]
-    if a.gradient_checkpointing:
-        flags.append("--gradient_checkpointing")
-    return train.parse_args(flags)
-
-
 def load_training_setup(targs: argparse.Namespace, device: Any, bf16: bool) -> tuple[Any, Any, Any, dict]:
     """(tokenizer, dataset, model, report) exactly as train.py builds them."""
     import torch
@@ -84,27 +69,44 @@ def load_training_setup(targs: argparse.Namespace, device: Any, bf16: bool) -> t
     return tokenizer, dataset, model, report
 
 
-def epoch_padding(lengths: Sequence[int], batch_size: int, grad_accum: int, seed: int) -> dict[str, float]:
-    """Padding share over one whole epoch: ours (length-grouped, padded to a multiple of 8) vs a
-    random sampler padding to the longest of each batch (the Trainer default, no length grouping)."""
+def batch_sizes(lengths: Sequence[int], batches: list[list[int]], multiple: int) -> list[tuple[int, int]]:
+    """(non-padding tokens, padded positions) of each batch, padded to a multiple of `multiple`."""
+    return [(sum(lengths[i] for i in b), len(b) * -(-max(lengths[i] for i in b) // multiple) * multiple)
+            for b in batches]
+
+
+def epoch_padding(lengths: Sequence[int], batch_size: int, grad_accum: int, seed: int, steps: int) -> dict[str, Any]:
+    """Padding share over one whole epoch, ours (train.py's length-grouped sampler, utils.DataCollator's
+    multiple of 8) vs random batches padded to their longest (the Trainer's default, no length grouping);
+    and the (tokens, positions) of each of train.py's first `steps` optimizer steps (its log has rates only)."""
     import torch
 
     import utils
 
-    def share(batches: list[list[int]], multiple: int) -> float:
-        real = sum(lengths[i] for b in batches for i in b)
-        padded = sum(len(b) * -(-max(lengths[i] for i in b) // multiple) * multiple for b in batches)
-        return 1 - real / padded
+    def share(sizes: list[tuple[int, int]]) -> float:
+        return 1 - sum(t for t, _ in sizes) / sum(p for _, p in sizes)
 
-    ours = utils.LengthGroupedBatchSampler(lengths, batch_size, 1, 0, grad_accum, seed).micro_batches(0)
+    ours_batches = utils.LengthGroupedBatchSampler(lengths, batch_size, 1, 0, grad_accum, seed).micro_batches(0)
+    ours = batch_sizes(lengths, ours_batches, 8)
     order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
-    random_batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    return {"ours": share(ours, 8), "random_longest": share(random_batches, 1)}
+    rand = batch_sizes(lengths, [order[i:i + batch_size] for i in range(0, len(order), batch_size)], 1)
+    per_step = [[sum(x) for x in zip(*ours[k * grad_accum:(k + 1) * grad_accum], strict=True)]
+                for k in range(min(steps, len(ours) // grad_accum))]
+    return {"ours": share(ours), "ours_longest": share(batch_sizes(lengths, ours_batches, 1)),
+            "random_longest": share(rand), "ours_step_sizes": per_step}
 
 
 def length_stats(lengths: Sequence[int]) -> dict[str, float]:
     return {"n": len(lengths), "min": min(lengths), "median": statistics.median(lengths), "max": max(lengths),
             "mean": statistics.fmean(lengths)}
+
+
+def vm_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
 
 
 def write_json(path: str, obj: dict) -> None:
@@ -196,19 +198,20 @@ def run_trainer(a: argparse.Namespace) -> dict:
 
     import train
 
-    targs = train_namespace(a, "qlora")
-    device = train.resolve_device("auto", 0)
+    targs = a.train
+    device = train.resolve_device(targs.device, 0)
     bf16 = train.bf16_supported(device)
     tokenizer, dataset, model, report = load_training_setup(targs, device, bf16)
     collator = CountingCollator(DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100))
-    total = a.steps
+    t = targs
     args = TrainingArguments(
-        output_dir=a.workdir, per_device_train_batch_size=a.batch_size, gradient_accumulation_steps=a.grad_accum,
-        max_steps=total, learning_rate=a.lr, weight_decay=a.weight_decay, adam_beta2=0.95, max_grad_norm=1.0,
-        lr_scheduler_type="cosine", warmup_steps=max(1, math.ceil(total * a.warmup_ratio)),
-        bf16=bf16, use_cpu=device.type == "cpu", seed=a.seed, data_seed=a.seed, train_sampling_strategy="random",
-        gradient_checkpointing=a.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if a.gradient_checkpointing else None,
+        output_dir=a.workdir, per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, max_steps=t.max_steps,
+        learning_rate=t.learning_rate, weight_decay=t.weight_decay, adam_beta2=0.95, max_grad_norm=1.0,
+        lr_scheduler_type="cosine", warmup_steps=max(1, math.ceil(t.max_steps * t.warmup_ratio)),
+        bf16=bf16, use_cpu=device.type == "cpu", seed=t.seed, data_seed=t.seed, train_sampling_strategy="random",
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=0, remove_unused_columns=False)
     steps: list[dict] = []
@@ -223,7 +226,8 @@ def run_trainer(a: argparse.Namespace) -> dict:
             "precision": "bf16 autocast" if bf16 else "fp32", "optimizer": args.optim,
             "trainable_params": report["trainable"], "lengths": length_stats(dataset.lengths),
             "skipped": dataset.skipped,
-            "epoch_padding": epoch_padding(dataset.lengths, a.batch_size, a.grad_accum, a.seed)}
+            "epoch_padding": epoch_padding(dataset.lengths, t.per_device_train_batch_size,
+                                           t.gradient_accumulation_steps, t.seed, t.max_steps)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +241,8 @@ def run_ours(a: argparse.Namespace) -> dict:
     import train
     import utils
 
-    targs = train_namespace(a, a.mode)
+    targs = a.train
+    rss_after_imports = vm_kib("VmRSS") * 1024
     _, world = train.init_distributed()
     device = train.resolve_device(targs.device, 0)
     enabled = train.load_ds_config(targs.ds_file).get("bf16", {}).get("enabled")
@@ -245,15 +250,16 @@ def run_ours(a: argparse.Namespace) -> dict:
     _, dataset, model, report = load_training_setup(targs, device, bf16)
     sampler = utils.LengthGroupedBatchSampler(dataset.lengths, targs.per_device_train_batch_size, world, 0,
                                               targs.gradient_accumulation_steps, targs.seed)
-    ds_config = train.build_ds_config(targs, world, a.steps, bf16)
+    ds_config = train.build_ds_config(targs, world, targs.max_steps, bf16)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
     engine.train()
     loader = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=utils.DataCollator(0)))
-    steps = [ours_step(engine, loader, device, targs.gradient_accumulation_steps) for _ in range(a.steps)]
+    steps = [ours_step(engine, loader, device, targs.gradient_accumulation_steps) for _ in range(targs.max_steps)]
     return {"steps": steps, "threads": torch.get_num_threads(), "precision": "bf16" if bf16 else "fp32",
             "optimizer": f"DeepSpeed ZeRO-{ds_config['zero_optimization']['stage']} {ds_config['optimizer']['type']}",
-            "trainable_params": report["trainable"], "mode": a.mode}
+            "trainable_params": report["trainable"], "mode": targs.train_mode, "rss_after_imports": rss_after_imports,
+            "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
 
 
 def ours_step(engine: Any, loader: Any, device: Any, grad_accum: int) -> dict:
@@ -321,10 +327,10 @@ def run_weights(a: argparse.Namespace) -> dict:
     from baichuan import resident_weight_bytes
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"cuda_device": torch.cuda.get_device_name(0) if device.type == "cuda" else None}
     for kind in ("nf4", "bf16", "fp32"):
         t0 = time.perf_counter()
-        model = load_for_weights(a.model, kind, device)
+        model = load_for_weights(a.train.model_name_or_path, kind, device)
         load_s = time.perf_counter() - t0
         linears = decoder_linears(model)
         out[kind] = {"whole": resident_weight_bytes(model),
@@ -376,35 +382,41 @@ def first_token_seconds(stream_fn: Callable[[], Any], repeats: int) -> float:
 
 def run_generation(a: argparse.Namespace) -> dict:
     """The project's inference path (utils.load_model_for_inference with its defaults, as predict.py
-    loads) on the first training records' prompts; greedy, exactly `new_tokens` tokens per reply."""
+    loads), greedy, exactly `new_tokens` tokens per reply. Single-prompt figures use the first record
+    with a system prompt (a role-play chat); batch figures run the same first GEN_PROMPTS records at
+    batch 1 and at batch GEN_PROMPTS."""
     import torch
 
     import utils
     from baichuan.generation_utils import build_chat_input
 
-    model, tokenizer = utils.load_model_for_inference(a.model)
-    messages = [utils.record_messages(r) for _, r in utils.read_jsonl(a.train_path)][:GEN_PROMPTS]
-    messages = (messages * GEN_PROMPTS)[:GEN_PROMPTS]
+    model, tokenizer = utils.load_model_for_inference(a.train.model_name_or_path)
+    records = [r for _, r in utils.read_jsonl(a.train.train_path)]
+    chat = utils.record_messages(next((r for r in records if r.get("instruction")), records[0]))
+    batch = [utils.record_messages(r) for r in (records * GEN_PROMPTS)[:GEN_PROMPTS]]
     cfg = fixed_length_config(model, a.new_tokens)
     out: dict[str, Any] = {"new_tokens": a.new_tokens, "threads": torch.get_num_threads(),
                            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
                            "device": str(utils.model_device(model))}
     with torch.no_grad():
-        input_ids = build_chat_input(model, tokenizer, messages[0], a.new_tokens)
+        input_ids = build_chat_input(model, tokenizer, chat, a.new_tokens)
+        no_cache = copy.deepcopy(cfg)
+        no_cache.use_cache = False
         out["prompt_tokens"] = input_ids.shape[1]
-        out["chat_s"] = median_time(lambda: model.chat(tokenizer, messages[0], generation_config=cfg), a.repeats)
+        out["chat_s"] = median_time(lambda: model.chat(tokenizer, chat, generation_config=cfg), a.repeats)
         out["no_cache_s"] = median_time(
-            lambda: model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=cfg,
-                                   use_cache=False), a.repeats)
+            lambda: model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=no_cache),
+            a.repeats)
         out["ttft_model_chat_s"] = first_token_seconds(
-            lambda: model.chat(tokenizer, messages[0], stream=True, generation_config=cfg), a.repeats)
-        out["ttft_chat_stream_s"] = first_token_seconds(
-            lambda: utils.chat_stream(model, tokenizer, messages[0], cfg), a.repeats)
+            lambda: model.chat(tokenizer, chat, stream=True, generation_config=cfg), a.repeats)
+        out["ttft_chat_stream_s"] = first_token_seconds(lambda: utils.chat_stream(model, tokenizer, chat, cfg),
+                                                        a.repeats)
+        out["batch_prompt_tokens"] = [len(utils.chat_prompt_ids(model, tokenizer, m, cfg)) for m in batch]
         for size in (1, GEN_PROMPTS):
             stats: dict = {}
             out[f"batch{size}_s"] = median_time(
-                lambda size=size, stats=stats: utils.generate_batch(
-                    model, tokenizer, messages[:size], cfg, batch_size=size, stats=stats), a.repeats)
+                lambda size=size, stats=stats: utils.generate_batch(model, tokenizer, batch, cfg, batch_size=size,
+                                                                    stats=stats), a.repeats)
             out[f"batch{size}_tokens"] = stats["generated_tokens"] // (a.repeats + 1)  # per call
     return out
 
@@ -413,30 +425,20 @@ def run_generation(a: argparse.Namespace) -> dict:
 # Command line
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("task", choices=["trainer", "ours", "weights", "generation"], help="what to measure")
+    """The worker's own flags; every other flag is a train.py flag (`a.train`, parsed by train.py)."""
+    import train
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Any other flag is passed to train.py's parser (model, data, batch, LoRA, "
+                                       "--train_mode, --max_steps = steps run, ...).")
+    p.add_argument("task", choices=sorted(TASKS), help="what to measure")
     p.add_argument("--json", required=True, help="where to write the result")
-    p.add_argument("--model", required=True, help="model folder")
-    p.add_argument("--train_path", default="", help="training records (JSON lines)")
-    p.add_argument("--workdir", default="", help="scratch folder (Trainer output_dir)")
-    p.add_argument("--mode", default="qlora", choices=["qlora", "lora", "full"], help="ours: train mode")
-    p.add_argument("--steps", type=int, default=5, help="optimizer steps, warm-up included")
-    p.add_argument("--batch_size", type=int, default=16, help="micro-batch size")
-    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--max_len", type=int, default=512, help="max tokens of prompt + answer")
-    p.add_argument("--max_src_len", type=int, default=256, help="max tokens of the prompt")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--warmup_ratio", type=float, default=0.06, help="share of steps with LR warm-up")
-    p.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
-    p.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha")
-    p.add_argument("--lora_dropout", type=float, default=0.05, help="LoRA dropout")
-    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations")
-    p.add_argument("--ds_file", default=str(REPO / "ds_zero2_no_offload.json"), help="DeepSpeed config")
-    p.add_argument("--seed", type=int, default=1234, help="seed for init, data order and dropout")
+    p.add_argument("--workdir", default="", help="trainer: scratch folder (Trainer output_dir)")
     p.add_argument("--new_tokens", type=int, default=32, help="generation: tokens per reply")
     p.add_argument("--repeats", type=int, default=3, help="generation: timed repeats (median)")
-    return p.parse_args(argv)
+    a, rest = p.parse_known_args(argv)
+    a.train = train.parse_args(rest)
+    return a
 
 
 TASKS: dict[str, Callable[[argparse.Namespace], dict]] = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 import baichuan  # noqa: F401  (registers the Auto classes)
 from baichuan import BaichuanConfig, BaichuanForCausalLM
 from baichuan.modeling_baichuan import NormHead, alibi_slopes
-from tests.tiny import tiny_config
+from tests.tiny import TINY_VOCAB_SIZE, tiny_config
 
 ATOL = 1e-4  # the spec's fp32 tolerance
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
@@ -32,7 +33,7 @@ def random_model(position_embedding: str = "rope", seed: int = 0, **overrides) -
     return BaichuanForCausalLM(config).eval()
 
 
-def random_ids(batch: int, length: int, seed: int = 1, vocab: int = 768) -> torch.LongTensor:
+def random_ids(batch: int, length: int, seed: int = 1, vocab: int = TINY_VOCAB_SIZE) -> torch.LongTensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, length), generator=g)
 
@@ -413,7 +414,7 @@ def test_bin_loading_never_unpickles_code(tmp_path: Path) -> None:
     state = torch.load(tmp_path / "ckpt" / "pytorch_model.bin", weights_only=True)
     state["payload"] = _Payload(marker)
     torch.save(state, tmp_path / "ckpt" / "pytorch_model.bin")
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.UnpicklingError):
         BaichuanForCausalLM.from_pretrained(tmp_path / "ckpt")
     with pytest.raises(ValueError):
         BaichuanForCausalLM.from_pretrained(tmp_path / "ckpt", weights_only=False)
@@ -479,3 +480,40 @@ def test_4bit_load_and_lora_training(tiny_model_dir: Path) -> None:
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (2, ids.shape[1] + 4)
+
+
+def test_eager_attention_and_beam_search_and_embeds(tiny_model_dir: Path) -> None:
+    sdpa = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+    assert (sdpa.config._attn_implementation, eager.config._attn_implementation) == ("sdpa", "eager")
+    ids = random_ids(1, 8)
+    with torch.no_grad():
+        assert (sdpa(ids).logits - eager(ids).logits).abs().max().item() < ATOL
+        greedy = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False}
+        # Beam search reorders the cache (transformers 5 calls `_reorder_cache` with a Cache object).
+        beams = sdpa.generate(ids, num_beams=3, **greedy)
+        assert beams.tolist() == sdpa.generate(ids, num_beams=3, use_cache=False, **greedy).tolist()
+        # inputs_embeds are used on the first step only.
+        from_ids = sdpa.generate(ids, repetition_penalty=1.0, **greedy)[:, ids.shape[1]:]
+        from_embeds = sdpa.generate(inputs_embeds=sdpa.get_input_embeddings()(ids), repetition_penalty=1.0,
+                                    attention_mask=torch.ones_like(ids), **greedy)
+        assert from_embeds.tolist() == from_ids.tolist()
+
+
+def test_real_style_folder_loads_without_remote_code(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The shipped config.json carries auto_map/torch_dtype and no position field; with the classes
+    registered, Auto* uses the local code and never asks for trust_remote_code."""
+    import shutil
+
+    folder = tmp_path / "real-style"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("position_embedding", "z_loss_weight", "dtype"):
+        config.pop(key, None)
+    config.update({"auto_map": {"AutoConfig": "configuration_baichuan.BaichuanConfig",
+                                "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"},
+                   "torch_dtype": "bfloat16", "_from_model_config": True, "transformers_version": "4.29.2"})
+    (folder / "config.json").write_text(json.dumps(config))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(model) is BaichuanForCausalLM and model.dtype == torch.bfloat16
+    assert model.config.position_embedding == "rope" and model.config.model_max_length == 512

@@ -123,3 +123,26 @@ def test_left_padding_uses_unk_as_pad(tiny_tokenizer_dir: Path) -> None:
         pad = width - len(ids)
         assert batch["input_ids"][row] == [0] * pad + ids
         assert batch["attention_mask"][row] == [0] * pad + [1] * len(ids)
+
+
+def test_real_style_tokenizer_config_loads(tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
+    """The shipped tokenizer_config.json: AddedToken dicts, auto_map, use_fast false."""
+    import shutil
+
+    folder = tmp_path / "real-style"
+    shutil.copytree(tiny_tokenizer_dir, folder)
+
+    def added(content: str) -> dict:
+        return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": True, "rstrip": False,
+                "single_word": True}
+
+    config = {"add_bos_token": False, "add_eos_token": False, "auto_map": {"AutoTokenizer": [
+        "tokenization_baichuan.BaichuanTokenizer", None]}, "bos_token": added("<s>"), "eos_token": added("</s>"),
+        "unk_token": added("<unk>"), "pad_token": added("<unk>"), "clean_up_tokenization_spaces": False,
+        "model_max_length": 4096, "sp_model_kwargs": {}, "tokenizer_class": "BaichuanTokenizer", "use_fast": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert type(tokenizer) is BaichuanTokenizer and tokenizer.add_bos_token is False
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 0)
+    assert tokenizer.model_max_length == 4096
+    assert tokenizer.decode(tokenizer.encode(TEXTS[2])) == TEXTS[2]

@@ -3,6 +3,7 @@ no forged turn markers. Expected ids are assembled by hand from sentencepiece en
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,7 @@ def test_system_only_at_index_zero(tok: BaichuanTokenizer) -> None:
 
 def test_history_is_cut_from_the_oldest_whole_round(tok: BaichuanTokenizer, enc) -> None:
     system = enc(SYSTEM)
-    r1, r2, r3 = [U] + enc(Q1) + [A] + enc(A1), [U] + enc(Q2) + [A] + enc(A2), [U] + enc(Q3)
+    r2, r3 = [U] + enc(Q2) + [A] + enc(A2), [U] + enc(Q3)
     # Budget for exactly the two newest rounds: the oldest is dropped whole.
     budget = len(system) + len(r2) + len(r3) + 1
     assert build_chat_ids(tok, conversation(), budget) == system + r2 + r3 + [A]
@@ -151,7 +152,7 @@ def test_chat_returns_text_and_stream_grows(tiny_model_dir: Path, tok: BaichuanT
     chunks = list(model.chat(tok, messages, stream=True, generation_config=greedy))
     assert len(chunks) == 12
     assert all(isinstance(chunk, str) for chunk in chunks)
-    assert all(later.startswith(earlier) for earlier, later in zip(chunks, chunks[1:]))
+    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(chunks))
     assert chunks[-1] == reply
     # The model's own (sampling) generation config also works.
     assert isinstance(model.chat(tok, messages), str)

@@ -122,8 +122,9 @@ def test_sample_baichuan_layout(baichuan_tok):
     assert ids[n - 1] == 196 and 195 in ids[:n]  # ... [195] user [196] | answer EOS
     # a cut prompt equals the inference builder's cut
     full = utils.build_prompt_ids(baichuan_tok, _messages(), 10**9, gen)
-    ids, labels, truncated = utils.build_training_sample(baichuan_tok, SYSTEM, USER, ANSWER, len(full) - 3, 512, gen)
-    assert truncated and ids[:_split(ids, labels)] == utils.build_prompt_ids(baichuan_tok, _messages(), len(full) - 3, gen)
+    cut = len(full) - 3
+    ids, labels, truncated = utils.build_training_sample(baichuan_tok, SYSTEM, USER, ANSWER, cut, 512, gen)
+    assert truncated and ids[:_split(ids, labels)] == utils.build_prompt_ids(baichuan_tok, _messages(), cut, gen)
 
 
 def test_sample_baichuan_answer_cannot_forge_eos(baichuan_tok):
@@ -301,6 +302,6 @@ def test_sampler_feeds_a_dataloader(qwen_tok, tmp_path):
     batches = list(DataLoader(ds, batch_sampler=sampler, collate_fn=collator))
     expected = sampler.micro_batches(0)
     assert len(batches) == len(expected) == 6  # 9 samples -> 3 steps of 4 (3 repeats)
-    for batch, idx in zip(batches, expected):
+    for batch, idx in zip(batches, expected, strict=True):
         assert batch["input_ids"].shape[1] % 8 == 0
         assert batch["attention_mask"].sum(1).tolist() == [ds.lengths[i] for i in idx]

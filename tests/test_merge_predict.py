@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib
 import io
+import itertools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,15 +25,18 @@ predict = importlib.import_module("predict")
 merge_params = importlib.import_module("merge_params")
 
 torch = pytest.importorskip("torch")
+# train.py's resized-vocabulary checkpoints make PEFT save the embedding layers (wanted); it says so each time
+pytestmark = pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`:UserWarning")
 pytest.importorskip("peft")
 
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 PROFILES = {"孙悟空": "齐天大圣，性格急躁", "李白": "唐代诗人，爱喝酒", "华妃": "后宫妃子"}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _few_threads():
     previous = torch.get_num_threads()
-    torch.set_num_threads(min(previous, 4))
+    torch.set_num_threads(1)  # tiny models gain nothing from more; a busy shared CPU makes extra threads slow
     yield
     torch.set_num_threads(previous)
 
@@ -138,6 +143,40 @@ def test_merge_equals_base_plus_adapter(models: dict[str, Path]) -> None:
         torch.testing.assert_close(logits(merged, ids), ref, atol=1e-4, rtol=1e-4)
 
 
+def test_merge_changes_only_adapter_targets(models: dict[str, Path]) -> None:
+    """Tensors the adapter does not target are bit-identical to the base checkpoint; Baichuan's NormHead
+    is saved raw (not the unit-norm rows its first eval call writes in place), targets did change."""
+    from safetensors.torch import load_file
+
+    base = {k: v for f in models["base"].glob("*.safetensors") for k, v in load_file(f).items()}
+    merged = {k: v for f in models["merged"].glob("*.safetensors") for k, v in load_file(f).items()}
+    targets = json.loads((models["ckpt"] / "adapter_config.json").read_text(encoding="utf-8"))["target_modules"]
+    assert set(merged) == set(base)
+    changed = {k for k in base if base[k].shape != merged[k].shape or not torch.equal(base[k], merged[k])}
+    assert changed and all(k.split(".")[-2] in targets for k in changed), changed
+    assert "lm_head.weight" not in changed or "lm_head" in targets
+
+
+def test_padded_vocabulary_shrunk_by_training(tmp_path: Path) -> None:
+    """A base whose vocabulary is padded past its tokenizer (as Qwen2's 152064 rows vs ~151.6k tokens):
+    train.py's pad-token resize shrinks it to len(tokenizer); loading and merging must follow."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_qwen2 import make_tiny_qwen2
+
+    base = make_tiny_qwen2(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(model.config.vocab_size + 40, mean_resizing=False)
+    model.save_pretrained(base)
+    ckpt = make_checkpoint(base, tmp_path / "ckpt")
+    adapted, tok = utils.load_model_for_inference(str(ckpt), device="cpu")
+    assert adapted.get_input_embeddings().weight.shape[0] == len(tok) < model.config.vocab_size
+    assert merge_params.main(["--model_dir", str(ckpt), "--save_model_dir", str(tmp_path / "merged")]) == 0
+    merged, _ = utils.load_model_for_inference(str(tmp_path / "merged"), device="cpu")
+    ids = utils.chat_prompt_ids(merged, tok, MESSAGES[0], utils.generation_config_for(merged))
+    torch.testing.assert_close(logits(merged, ids), logits(adapted, ids), atol=1e-4, rtol=1e-4)
+
+
 def test_merged_baichuan_loads_with_its_class(baichuan_models: dict[str, Path]) -> None:
     from baichuan import BaichuanForCausalLM
 
@@ -213,7 +252,7 @@ def test_merge_clear_errors(tmp_path: Path, qwen: dict[str, Path]) -> None:
 # ---------------------------------------------------------------------------------------------
 def test_record_prompt_equals_training_prompt(models: dict[str, Path]) -> None:
     model, tok = utils.load_model_for_inference(str(models["merged"]), device="cpu")
-    gc = utils.generation_config_for(model)
+    gc = utils.generation_config_for(model, max_new_tokens=16)  # room for the whole prompt
     for instruction in ("", utils.build_system_prompt("李白", PROFILES["李白"])):
         record = {"instruction": instruction, "input": "你喜欢吃什么？", "output": "桃子"}
         ids, labels, _ = utils.build_training_sample(tok, instruction, record["input"], record["output"], 400, 500,
@@ -241,23 +280,28 @@ def test_chat_stream_grows_to_chat_once_and_equals_model_chat(baichuan_models: d
         assert once == model.chat(tok, messages, generation_config=gc)  # Baichuan's own chat, same layout
         stream = list(utils.chat_stream(model, tok, messages, gc))
         assert stream[-1] == once
-        assert all(b.startswith(a) for a, b in zip(stream, stream[1:], strict=False))
+        assert all(b.startswith(a) for a, b in itertools.pairwise(stream))
 
 
-def test_chat_stream_close_stops_generation(qwen: dict[str, Path]) -> None:
-    import time
+def test_chat_stream_close_stops_generation(qwen: dict[str, Path], monkeypatch) -> None:
+    import transformers
 
+    # emit text after every token (the random model's bytes rarely end a word, so text would come at the end)
+    monkeypatch.setattr(transformers.TextIteratorStreamer, "_is_chinese_char", lambda self, cp: True)
     model, tok = utils.load_model_for_inference(str(qwen["merged"]), device="cpu")
     gc = utils.generation_config_for(model, do_sample=False, max_new_tokens=150, min_new_tokens=150)
-    t0 = time.perf_counter()
-    assert len(utils.generate_batch(model, tok, [MESSAGES[0]], gc, stats=(stats := {}))) == 1
-    full = time.perf_counter() - t0
-    assert stats["generated_tokens"] == 150
-    gen = utils.chat_stream(model, tok, MESSAGES[0], gc)
-    t0 = time.perf_counter()
-    next(gen)
-    gen.close()  # stops generate after its current token instead of waiting for all 150
-    assert time.perf_counter() - t0 < full / 2
+    calls = []
+    hook = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        gen = utils.chat_stream(model, tok, MESSAGES[0], gc)
+        next(gen)
+        gen.close()  # stops generate after its current token (and joins its thread) instead of running on
+        at_close = len(calls)
+        assert at_close < 100, at_close
+        assert len(calls) == at_close  # nothing runs after close returned
+        assert len(list(utils.chat_stream(model, tok, MESSAGES[0], gc))) >= 1 and len(calls) >= at_close + 150
+    finally:
+        hook.remove()
 
 
 def test_generation_config_overrides(models: dict[str, Path]) -> None:
@@ -270,6 +314,11 @@ def test_generation_config_overrides(models: dict[str, Path]) -> None:
     assert (greedy.temperature, greedy.top_p, greedy.top_k) == (1.0, 1.0, 50)  # neutral, not inherited
     assert utils.max_input_tokens(model, gc) == utils.context_length(model) - 7
     assert model.generation_config.temperature == 0.3  # the model's own config is untouched
+    for bad in ({"temperature": 0.0}, {"top_p": 1.5}, {"max_new_tokens": 0}, {"repetition_penalty": 0.0},
+                {"no_such_setting": 1}):
+        with pytest.raises(utils.UserError, match="generation setting"):
+            utils.generation_config_for(model, **bad)
+    assert not utils.generation_config_for(model, temperature=0.0, do_sample=False).do_sample
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +395,8 @@ def test_compute_metrics_hand_values() -> None:
         {"role": "钟离", "source": "attribute", "attribute": "元素", "fact": "岩", "template_set": "novel"},
         {"role": "钟离", "source": "attribute", "attribute": "国籍", "fact": "璃月", "template_set": "novel"},
     ]
-    preds = ["俺老孙 来 也", "我是一个AI，cherry durian", "the cat sat on the mat", "刻晴用雷元素", "钟离用火", "他来自璃月"]
+    preds = ["俺老孙 来 也", "我是一个AI，cherry durian", "the cat sat on the mat",
+             "刻晴用雷元素", "钟离用火", "他来自璃月"]
     m = predict.compute_metrics(records, preds, ["孙悟空", "李白"], {"generated_tokens": 30, "seconds": 2.0})
     assert m["rouge_l"]["per_role"]["孙悟空"] == {"mean": pytest.approx(0.5), "n": 2}  # (1 + 0) / 2
     assert m["rouge_l"]["per_role"]["李白"]["mean"] == pytest.approx(2 / 3)
@@ -459,7 +509,8 @@ def test_predict_interactive_piped_stdin(qwen: dict[str, Path], tmp_path: Path) 
     profiles.write_text(json.dumps(PROFILES, ensure_ascii=False), encoding="utf-8")
     proc = subprocess.run([sys.executable, "predict.py", "--model_path", str(qwen["merged"]), "--desc_path",
                            str(profiles), "--max_new_tokens", "4", "--device", "cpu"],
-                          input="华妃\n你好\n", capture_output=True, text=True, cwd=REPO, timeout=120)
+                          input="华妃\n你好\n", check=False, capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr
     assert "华妃: " in proc.stdout and proc.stdout.rstrip().endswith("bye")
 
@@ -483,7 +534,7 @@ def test_predict_bad_input(case: str, tmp_path: Path) -> None:
         test_file.write_text('{"instruction": "", "input": "a"}\n', encoding="utf-8")
         argv = ["--test_path", str(test_file)]
     proc = subprocess.run([sys.executable, "predict.py", "--model_path", str(tmp_path / "no-model"), *argv],
-                          capture_output=True, text=True, cwd=REPO, timeout=60)
+                          check=False, capture_output=True, text=True, cwd=REPO, timeout=60, env=ONE_THREAD)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr

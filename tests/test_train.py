@@ -14,6 +14,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,7 +33,8 @@ utils = importlib.import_module("utils")
 tiny_qwen2 = importlib.import_module("tiny_qwen2")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-ROLES = [("刻晴", "璃月七星之一的玉衡星，使用雷元素"), ("孙悟空", "齐天大圣，会七十二变"), ("钟离", "往生堂客卿，岩元素")]
+ROLES = [("刻晴", "璃月七星之一的玉衡星，使用雷元素"), ("孙悟空", "齐天大圣，会七十二变"),
+         ("钟离", "往生堂客卿，岩元素")]
 QUESTIONS = ["你好，请问你是谁？", "你会用什么元素？", "今天天气很好，我们一起去吧！", "你喜欢吃什么？"]
 ANSWERS = ["我是{role}。", "{role}使用雷元素，今天天气很好。", "我喜欢吃桃子，你好！", "问题 回答 角色 性格 身份"]
 # small, quick settings shared by the runs (prompts fit max_src_len; some answers get cut at max_len)
@@ -79,12 +81,13 @@ def train_cmd(args: list[str], nproc: int = 1, port: int = 0) -> list[str]:
             str(TRAIN), *args]
 
 
-def run_train(cwd: Path, args: list[str], nproc: int = 1, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+def run_train(cwd: Path, args: list, nproc: int = 1, check: bool = True, **env: str) -> subprocess.CompletedProcess:
     port = free_port()
     proc = subprocess.run(train_cmd([str(a) for a in args], nproc, port), cwd=cwd, env=child_env(port, **env),
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT)
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False)
     if check:
-        assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        assert proc.returncode == 0, (
+            f"train.py failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
@@ -109,9 +112,9 @@ def assert_tensors_close(a: dict, b: dict, rtol: float, atol: float) -> None:
     import torch
 
     assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k].float(), b[k].float(), rtol=rtol, atol=atol), (
-            k, (a[k].float() - b[k].float()).abs().max().item())
+    for k, x in a.items():
+        x, y = x.float(), b[k].float()
+        assert torch.allclose(x, y, rtol=rtol, atol=atol), (k, (x - y).abs().max().item())
 
 
 def ds_config_file(tmp: Path, name: str = "ds.json", **edits) -> Path:
@@ -236,7 +239,7 @@ def test_two_process_zero2_matches_one_process_grad_accum(work):
     losses1, losses2 = [v for _, v in one], [v for _, v in two]
     assert max(losses1) - min(losses1) > 1e-3, losses1  # the curve moves: equality is not trivial
     assert losses1 == pytest.approx(losses2, rel=1e-4, abs=1e-5)
-    assert_tensors_close(adapter(runs[1]), adapter(runs[2]), rtol=1e-3, atol=1e-5)
+    assert_tensors_close(adapter(runs[1]), adapter(runs[2]), rtol=1e-3, atol=2e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,23 +250,20 @@ def test_kill_and_resume_matches_uninterrupted(work, reference_run, tmp_path):
     args = [*reference_run["args"], "--save_model_step", "3"]
     args[args.index("--output_dir") + 1] = out
     port = free_port()
-    log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen(train_cmd([str(a) for a in args]), cwd=tmp_path, env=child_env(port), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + RUN_TIMEOUT
-    while proc.poll() is None and not train.list_checkpoints(str(out)) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    log.close()
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(train_cmd([str(a) for a in args]), cwd=tmp_path, env=child_env(port), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while proc.poll() is None and not train.list_checkpoints(str(out)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the child and anything it started
+        proc.wait()
     ckpts = train.list_checkpoints(str(out))
     assert ckpts, (tmp_path / "killed.log").read_text()
     # If the run outpaced the kill, drop the later checkpoints: the disk then looks like a kill right
     # after the first one.
     for _, later in ckpts[1:]:
-        import shutil
-
         shutil.rmtree(later)
     first_step = ckpts[0][0]
     assert first_step == 3
@@ -308,7 +308,8 @@ def test_checkpoint_has_what_merge_and_predict_need(work, reference_run):
     assert cfg["base_model"] == str(Path(work["model"]).resolve())
     assert cfg["train_mode"] == "qlora"
     assert (cfg["lora_dim"], cfg["lora_alpha"], cfg["lora_dropout"]) == (8, 16, 0.1)
-    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= set(cfg["lora_target_modules"])
+    linear = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert linear <= set(cfg["lora_target_modules"])
     ds = cfg["deepspeed_config"]
     assert "auto" not in list(walk_values(ds)), ds
     assert ds["train_batch_size"] == cfg["global_batch_size"] == 4
@@ -398,7 +399,7 @@ def _error_case(case: str, work: dict, tmp: Path) -> tuple[list, dict, str]:
     if case == "empty_train":
         (tmp / "empty.json").write_text("\n\n", encoding="utf-8")
         setarg("--train_path", tmp / "empty.json")
-        return args, env, "no usable samples"
+        return args, env, "has no records"
     if case == "bad_ds_json":
         (tmp / "bad.json").write_text('{"bf16": {"enabled": true},', encoding="utf-8")
         setarg("--ds_file", tmp / "bad.json")
@@ -442,7 +443,8 @@ def baichuan_model_dir(request) -> Path:
 
 def test_baichuan_qlora_run_saves_checkpoint(work, baichuan_model_dir, tmp_path):
     out = tmp_path / "out"
-    args = base_args(work, out, "--max_steps", "3", "--gradient_accumulation_steps", "1")
+    args = base_args(work, out, "--max_steps", "3", "--gradient_accumulation_steps", "1",
+                     "--ds_file", REPO / "ds_zero2_no_offload.json")
     args[args.index("--model_name_or_path") + 1] = baichuan_model_dir
     proc = run_train(tmp_path, args)
     assert "mode qlora:" in proc.stdout
@@ -454,4 +456,5 @@ def test_baichuan_qlora_run_saves_checkpoint(work, baichuan_model_dir, tmp_path)
     weights = adapter(ckpt)
     assert not any("embed_tokens" in k for k in weights)
     assert (ckpt / "tokenizer.model").is_file()
-    assert len(train_history(ckpt)) == 3 and len(json.loads((ckpt / "trainer_state.json").read_text())["history"]["eval"]) == 1
+    assert len(train_history(ckpt)) == 3
+    assert len(json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))["history"]["eval"]) == 1

@@ -149,11 +149,6 @@ def test_generation_overrides_are_clamped() -> None:
     assert (low["max_new_tokens"], low["top_p"], low["temperature"]) == (0, 0.0, 0.01)
 
 
-def test_display_history_escapes_markup() -> None:
-    shown = web_demo.display_history([{"role": "assistant", "content": "<reserved_42> a & b"}])
-    assert shown == [{"role": "assistant", "content": "&lt;reserved_42&gt; a &amp; b"}]
-
-
 # ---------------------------------------------------------------------------------------------
 # The handler and the model: same prompt as training, budget, sliders, streaming
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +255,7 @@ def test_closing_a_reply_does_not_wait_for_generation(backend: web_demo.ChatBack
             yield "a"
             yield "ab"
         finally:
-            time.sleep(1.0)  # chat_stream's close joins the generation thread
+            time.sleep(1.5)  # chat_stream's close joins the generation thread
             closed.set()
 
     monkeypatch.setattr(utils, "chat_stream", slow_stream)
@@ -268,7 +263,7 @@ def test_closing_a_reply_does_not_wait_for_generation(backend: web_demo.ChatBack
     next(gen), next(gen)
     t0 = time.perf_counter()
     gen.close()
-    assert time.perf_counter() - t0 < 0.5
+    assert time.perf_counter() - t0 < 0.75
     assert closed.wait(5)
 
 
@@ -338,7 +333,7 @@ def test_role_switch_and_clear_reset_the_conversation(backend: web_demo.ChatBack
     deps = config["dependencies"]
     chat_dep = next(i for i, d in enumerate(deps) if d["api_name"] == "chat")
     assert set(states) <= set(deps[chat_dep]["inputs"]) and set(states) <= set(deps[chat_dep]["outputs"])
-    for trigger in ((role, "change"), (clear, "click")):
+    for trigger in ((role, "change"), (clear, "click"), *((chat, "clear") for chat in chats)):
         wired = [i for i, d in enumerate(deps) if list(trigger) in [list(t) for t in d["targets"]]]
         resets = [i for i in wired if set(chats + states) <= set(deps[i]["outputs"])]
         assert resets, f"{trigger} does not reset the conversation"
@@ -381,27 +376,33 @@ def test_config_lists_roles_from_profiles_file(launched: str, profiles: dict[str
 
 def test_sessions_are_separate_and_a_slow_reply_blocks_no_one(launched: str, loaded: tuple[Any, Any],
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reply that hangs in `generate` (until the test releases it) must not hold up another session."""
     from gradio_client import Client
 
     model = loaded[0]
     original = model.generate
+    entered, release = threading.Event(), threading.Event()
 
-    def full_length(*args: Any, **kwargs: Any) -> Any:  # no early EOS: the long reply is surely long
+    def gated(*args: Any, **kwargs: Any) -> Any:
         config = copy.deepcopy(kwargs["generation_config"])
-        config.min_new_tokens = config.max_new_tokens
+        if config.max_new_tokens == 100:  # the "slow" request
+            entered.set()
+            release.wait(60)
+        config.max_new_tokens = min(config.max_new_tokens, 3)
         return original(*args, **{**kwargs, "generation_config": config})
 
-    monkeypatch.setattr(model, "generate", full_length)
+    monkeypatch.setattr(model, "generate", gated)
     slow_client, fast_client = Client(launched, verbose=False), Client(launched, verbose=False)
-    slow = slow_client.submit("你好，请讲一个很长的故事", "孙悟空", 256, 0.8, 0.3, api_name="/chat")
-    time.sleep(0.3)
-    t0 = time.perf_counter()
-    fast = fast_client.submit("你是谁？", "刻晴", 2, 0.8, 0.3, api_name="/chat")
-    chat, box = fast.result(timeout=60)
-    assert not slow.done(), "the short reply waited for the long one"
-    assert time.perf_counter() - t0 < 30
+    slow = slow_client.submit("你好，请讲一个很长的故事", "孙悟空", 100, 0.8, 0.3, api_name="/chat")
+    try:
+        assert entered.wait(60), "the slow request never reached the model"
+        chat, box = fast_client.predict("你是谁？", "刻晴", 2, 0.8, 0.3, api_name="/chat")
+        assert not slow.done()
+    finally:
+        release.set()
     assert box == "" and chat[0]["content"][0]["text"] == "你是谁？"
-    slow.result(timeout=120)
+    slow_chat, _ = slow.result(timeout=60)
+    assert slow_chat[0]["content"][0]["text"] == "你好，请讲一个很长的故事"
     # A second turn in the fast session sees only its own conversation.
     chat, _ = fast_client.predict("再见", "刻晴", 2, 0.8, 0.3, api_name="/chat")
     assert [m["content"][0]["text"] for m in chat if m["role"] == "user"] == ["你是谁？", "再见"]

@@ -61,7 +61,7 @@ TINY_MODEL_CONFIG: dict[str, Any] = {
 
 def reserved_symbols() -> list[str]:
     """User-defined pieces for ids 3..196: `<reserved_N>` fillers, then 195/196 = reserved_106/107."""
-    fillers = [f"<reserved_{n}>" for n in [*range(0, 106), *range(108, 194)]]  # 192 names, ids 3..194
+    fillers = [f"<reserved_{n}>" for n in [*range(106), *range(108, 194)]]  # 192 names, ids 3..194
     return fillers + [USER_TOKEN, ASSISTANT_TOKEN]
 
 

@@ -1,0 +1,260 @@
+"""web_demo.py in a real browser: Debian's Chromium driven by playwright (no `playwright install`).
+
+The test starts `web_demo.py` as a subprocess on a free localhost port, picks a role, sends two messages,
+waits for each streamed reply, takes a screenshot, checks that switching role starts a fresh conversation,
+and always stops the server. Needs `apt-get install chromium fonts-wqy-zenhei` (the font makes Chinese
+readable in the screenshot); skipped when /usr/bin/chromium is absent.
+
+Regenerate the README screenshot on a trained model (env knobs below; the profiles default to
+data/profiles-zh_desc.json when a model is given):
+    SAVE_SCREENSHOT=1 WEB_DEMO_MODEL=output/merged pytest tests/test_web_browser.py
+    python tests/test_web_browser.py --model_path output/merged --out images/web_demo.png   # same, no pytest
+
+Environment: WEB_DEMO_MODEL (model folder; default: the tiny random test model), WEB_DEMO_ADAPTER
+(adapter folder), WEB_DEMO_PROFILES, WEB_DEMO_ROLE, WEB_DEMO_DEVICE (default: auto for WEB_DEMO_MODEL, cpu
+for the tiny model), SAVE_SCREENSHOT=1 (also write images/web_demo.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+README_SCREENSHOT = REPO / "images" / "web_demo.png"
+DEFAULT_PROFILES = REPO / "data" / "profiles-zh_desc.json"
+TEST_ROLES = {
+    "孙悟空": "齐天大圣，花果山美猴王，性格桀骜不驯、机智勇敢，说话直来直去",
+    "刻晴": "璃月七星之一的玉衡星，雷元素神之眼的持有者，做事雷厉风行，不信神明只信自己",
+}
+MESSAGES = ("你好，请介绍一下你自己。", "你平时最喜欢做什么？")
+SERVER_START_TIMEOUT = 300  # loading a 7B model can take minutes
+REPLY_TIMEOUT = 300
+
+# One selector each for the page parts the test touches (elem_ids set in web_demo.build_ui).
+BOT_MESSAGES = "#chat .message.bot"
+USER_MESSAGES = "#chat .message.user"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_path: str | Path, profiles: str | Path, port: int, device: str = "cpu",
+                 adapter_dir: str | Path | None = None, log_path: Path | None = None) -> subprocess.Popen:
+    """`python web_demo.py ...` on 127.0.0.1:`port` (output to `log_path`), seeded for a repeatable run."""
+    cmd = [sys.executable, str(REPO / "web_demo.py"), "--model_path", str(model_path), "--desc_path", str(profiles),
+           "--host", "127.0.0.1", "--port", str(port), "--device", device, "--seed", "0"]
+    if adapter_dir:
+        cmd += ["--adapter_dir", str(adapter_dir)]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    if log_path is None:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
+    with open(log_path, "w") as log:  # the child has its own copy of the descriptor
+        return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
+def wait_until_serving(url: str, proc: subprocess.Popen, timeout: float = SERVER_START_TIMEOUT,
+                       log_path: Path | None = None) -> dict:
+    """Poll GET /config until the app answers; fail early (with the server's log) if the process exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log = log_path.read_text(errors="replace")[-3000:] if log_path else ""
+            raise RuntimeError(f"web_demo.py exited with code {proc.returncode} before serving:\n{log}")
+        try:
+            with urllib.request.urlopen(url + "config", timeout=5) as r:
+                return json.load(r)
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"web_demo.py did not serve {url} within {timeout:.0f} s")
+
+
+def pick_role(page: object, role: str) -> None:
+    page.click("#role input")
+    page.get_by_role("option", name=role, exact=True).click()
+    page.wait_for_function("r => document.querySelector('#role input').value === r", arg=role)
+
+
+def send_and_wait(page: object, text: str, turn: int, timeout_s: float = REPLY_TIMEOUT) -> tuple[str, list[int]]:
+    """Type `text`, press Submit, wait for the `turn`-th (1-based) reply to finish streaming.
+
+    Returns the reply text and the reply lengths seen while it streamed (a MutationObserver records them).
+    """
+    page.evaluate("""() => {
+        window.__lengths = [];
+        const chat = document.querySelector('#chat');
+        window.__observer?.disconnect();
+        window.__observer = new MutationObserver(() => {
+            const bots = chat.querySelectorAll('.message.bot');
+            if (bots.length) window.__lengths.push(bots[bots.length - 1].innerText.length);
+        });
+        window.__observer.observe(chat, {subtree: true, childList: true, characterData: true});
+    }""")
+    page.fill("#user-input textarea", text)
+    page.click("#submit")
+    # The reply is in (n-th bot bubble with text) and the event is over (status tracker hidden again).
+    page.wait_for_function(
+        """([bot, user, n]) => {
+            const bots = document.querySelectorAll(bot);
+            const tracker = document.querySelector('#chat [data-testid="status-tracker"]');
+            return document.querySelectorAll(user).length === n && bots.length === n
+                && bots[n - 1].innerText.trim().length > 0 && tracker && tracker.classList.contains('hide');
+        }""",
+        arg=[BOT_MESSAGES, USER_MESSAGES, turn], timeout=timeout_s * 1000, polling=100)
+    reply = page.locator(BOT_MESSAGES).nth(turn - 1).inner_text()
+    lengths = page.evaluate("() => window.__lengths")
+    return reply, lengths
+
+
+def run_session(url: str, role: str, screenshots: Sequence[Path], messages: Sequence[str] = MESSAGES,
+                switch_to: str | None = None) -> dict:
+    """Drive the page: pick `role`, chat, screenshot to each path; then, when `switch_to` is given, pick
+    that role and report whether the conversation emptied (`cleared`)."""
+    from playwright.sync_api import sync_playwright
+
+    result: dict = {"replies": [], "lengths": []}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900}, locale="zh-CN")
+            page.goto(url, wait_until="domcontentloaded")
+            page.wait_for_selector("#chat", timeout=60_000)
+            pick_role(page, role)
+            for turn, text in enumerate(messages, start=1):
+                reply, lengths = send_and_wait(page, text, turn)
+                result["replies"].append(reply)
+                result["lengths"].append(lengths)
+            result["user_texts"] = page.locator(USER_MESSAGES).all_inner_texts()
+            result["role_value"] = page.input_value("#role input")
+            page.mouse.move(0, 0)  # no hover effects in the picture
+            for path in screenshots:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(path), full_page=True)
+            if switch_to is not None:
+                pick_role(page, switch_to)
+                page.wait_for_function("s => document.querySelectorAll(s).length === 0", arg=USER_MESSAGES,
+                                       timeout=30_000)
+                result["cleared"] = page.locator(BOT_MESSAGES).count() == 0
+        finally:
+            browser.close()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# pytest
+# ---------------------------------------------------------------------------------------------
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason=f"{CHROMIUM} not found: apt-get install chromium fonts-wqy-zenhei")
+
+
+@pytest.fixture()
+def demo_target(tmp_path: Path, request: pytest.FixtureRequest) -> dict:
+    """What to serve: WEB_DEMO_MODEL (+ real profiles) when set, else the tiny model and test roles."""
+    model = os.environ.get("WEB_DEMO_MODEL")
+    if model:
+        profiles = Path(os.environ.get("WEB_DEMO_PROFILES") or DEFAULT_PROFILES)
+        device = os.environ.get("WEB_DEMO_DEVICE", "auto")
+    else:
+        model = str(request.getfixturevalue("tiny_model_dir"))
+        profiles = Path(os.environ.get("WEB_DEMO_PROFILES") or tmp_path / "profiles.json")
+        if not profiles.exists():
+            profiles.write_text(json.dumps(TEST_ROLES, ensure_ascii=False), encoding="utf-8")
+        device = os.environ.get("WEB_DEMO_DEVICE", "cpu")
+    roles = list(json.loads(profiles.read_text(encoding="utf-8")))
+    role = os.environ.get("WEB_DEMO_ROLE") or (roles[1] if len(roles) > 1 else roles[0])
+    return {"model": model, "adapter": os.environ.get("WEB_DEMO_ADAPTER"), "profiles": profiles, "device": device,
+            "roles": roles, "role": role, "tiny": not os.environ.get("WEB_DEMO_MODEL")}
+
+
+def test_chat_in_browser(demo_target: dict, tmp_path: Path) -> None:
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright (its Python driver only)")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    log_path = tmp_path / "web_demo.log"
+    proc = start_server(demo_target["model"], demo_target["profiles"], port, demo_target["device"],
+                        demo_target["adapter"], log_path)
+    try:
+        config = wait_until_serving(url, proc, log_path=log_path)
+        dropdown = next(c for c in config["components"] if c["type"] == "dropdown")
+        assert [c[0] for c in dropdown["props"]["choices"]] == demo_target["roles"]
+
+        shots = [tmp_path / "web_demo.png"]
+        if os.environ.get("SAVE_SCREENSHOT") == "1":
+            shots.append(README_SCREENSHOT)
+        other = next((r for r in demo_target["roles"] if r != demo_target["role"]), None)
+        result = run_session(url, demo_target["role"], shots, switch_to=other)
+        assert result["role_value"] == demo_target["role"]
+        assert result["user_texts"] == list(MESSAGES)
+        assert len(result["replies"]) == 2 and all(r.strip() for r in result["replies"])
+        if demo_target["tiny"]:  # 256 new tokens on CPU: the reply visibly grows in steps
+            assert len(set(result["lengths"][0])) >= 2, "the reply did not stream"
+        assert shots[0].stat().st_size > 10_000
+        print(f"screenshot: {', '.join(map(str, shots))}")
+        if other is not None:
+            assert result["cleared"], "switching role did not clear the conversation"
+    finally:
+        stop_server(proc)
+    assert proc.poll() is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Standalone: regenerate images/web_demo.png without pytest
+# ---------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Serve web_demo.py on a model, chat in headless Chromium, screenshot.")
+    ap.add_argument("--model_path", required=True, help="model folder (e.g. output/merged)")
+    ap.add_argument("--adapter_dir", default=None, help="adapter folder, if the model is a base plus adapter")
+    ap.add_argument("--desc_path", default=str(DEFAULT_PROFILES), help="profiles file (default: %(default)s)")
+    ap.add_argument("--role", default=None, help="role to chat as (default: the second role in the file)")
+    ap.add_argument("--device", default="auto", help="auto, cpu, or a GPU index (default: auto)")
+    ap.add_argument("--out", default=str(README_SCREENSHOT), help="screenshot path (default: %(default)s)")
+    args = ap.parse_args(argv)
+    if not Path(CHROMIUM).exists():
+        print(f"error: {CHROMIUM} not found: apt-get install chromium fonts-wqy-zenhei", file=sys.stderr)
+        return 2
+    roles = list(json.loads(Path(args.desc_path).read_text(encoding="utf-8")))
+    role = args.role or (roles[1] if len(roles) > 1 else roles[0])
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    log_path = Path(args.out).with_suffix(".log")
+    proc = start_server(args.model_path, args.desc_path, port, args.device, args.adapter_dir, log_path)
+    try:
+        wait_until_serving(url, proc, log_path=log_path)
+        result = run_session(url, role, [Path(args.out)])
+    finally:
+        stop_server(proc)
+    log_path.unlink(missing_ok=True)
+    for text, reply in zip(MESSAGES, result["replies"], strict=True):
+        print(f"[{role}] user: {text}\n[{role}] reply: {reply}\n")
+    print(f"screenshot: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
