@@ -538,7 +538,7 @@ def _dedupe(records: list[dict], report: Report) -> list[dict]:
 def write_outputs(output_dir: str | Path, train: list[dict], test: list[dict]) -> tuple[Path, Path]:
     """Write both files, or neither: everything is encoded first, then each file goes in atomically."""
     paths = (Path(output_dir) / Path(utils.TRAIN_PATH).name, Path(output_dir) / Path(utils.TEST_PATH).name)
-    payloads = [_encode(records, path) for records, path in zip((train, test), paths)]
+    payloads = [_encode(records, path) for records, path in zip((train, test), paths, strict=True)]
     # nested: an error writing test.json also discards train.json's temporary file
     with utils.atomic_path(paths[0]) as tmp_train, utils.atomic_path(paths[1]) as tmp_test:
         tmp_train.write_bytes(payloads[0])

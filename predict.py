@@ -305,7 +305,9 @@ def format_comparison(baseline: dict[str, Any], current: dict[str, Any]) -> str:
     for key in cur:
         b, c = base.get(key), cur[key]
         fmt = ".1f" if "tokens/s" in key else ".2%" if "accuracy" in key or "rate" in key else ".4f"
-        lines.append(f"{key:<40} {'n/a' if b is None else format(b, fmt):>10} {'n/a' if c is None else format(c, fmt):>11}")
+        b_text = "n/a" if b is None else format(b, fmt)
+        c_text = "n/a" if c is None else format(c, fmt)
+        lines.append(f"{key:<40} {b_text:>10} {c_text:>11}")
     return "\n".join(lines)
 
 

@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora_targets", default="all-linear",
                    help="'all-linear' (every linear layer but the head) or comma-separated module names; "
                         "add embed_tokens,lm_head to train those too")
+    p.add_argument("--modules_to_save", default="",
+                   help="comma-separated modules trained in full and saved with the adapter, e.g. lm_head "
+                        "(needed when the answers use tokens the base never produced: a frozen head cannot learn them)")
     p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--ds_file", default="ds_zero2_no_offload.json",
                    help="DeepSpeed config ('auto' fields are filled from these flags)")
@@ -186,8 +189,9 @@ def wrap_lora(model: Any, args: argparse.Namespace, resized: bool) -> tuple[Any,
     targets = lora_targets(model, args.lora_targets)
     if resized:  # new pad row must be trained and saved with the adapter, or merging breaks
         targets = sorted(set(targets) | {"embed_tokens", "lm_head"})
+    to_save = [m.strip() for m in args.modules_to_save.split(",") if m.strip()] or None
     config = LoraConfig(r=args.lora_dim, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
+                        target_modules=targets, modules_to_save=to_save, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
     return model, {"trainable": count_params(model, True), "total": count_params(model, False),
                    "targets": targets, "resized": resized}
@@ -441,7 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     print_rank0(f"mode {args.train_mode}: trainable params {report['trainable']:,} / {report['total']:,} "
                 f"({100 * report['trainable'] / max(report['total'], 1):.2f}%)"
                 + (f"; LoRA targets {report['targets']}" if "targets" in report else ""))
-    collator = utils.DataCollator(tokenizer.pad_token_id)  # after load_model: it may add the pad token
+    # After load_model: it may add the pad token. Multiples of 8 suit GPU tensor cores; on CPUs
+    # they would only add padding.
+    collator = utils.DataCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if device.type == "cuda" else 1)
 
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)

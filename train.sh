@@ -33,6 +33,7 @@ ENV_SET=" $(env | cut -d= -f1 | tr '\n' ' ') "   # variables the caller set (the
 : "${LORA_R:=16}"
 : "${LORA_ALPHA:=64}"
 : "${LORA_DROPOUT:=0.1}"
+: "${MODULES_TO_SAVE:=}"          # modules trained in full next to LoRA, e.g. lm_head
 : "${DS_FILE:=ds_zero2_no_offload.json}"
 : "${SEED:=1234}"
 : "${SAVE_MODEL_STEP:=0}"
@@ -82,6 +83,7 @@ if has_stage train; then
     --lora_dim "$LORA_R" \
     --lora_alpha "$LORA_ALPHA" \
     --lora_dropout "$LORA_DROPOUT" \
+    --modules_to_save "$MODULES_TO_SAVE" \
     --ds_file "$DS_FILE" \
     --seed "$SEED" \
     --save_model_step "$SAVE_MODEL_STEP" \

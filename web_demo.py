@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import html
 import ipaddress
+import socket
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -46,6 +47,7 @@ FALLBACK_TEMPERATURE = 0.3  # when the model's generation config has none
 CHAT_LABEL = "Role-Playing"
 BASE_LABEL = "Base model"
 FINETUNED_LABEL = "Fine-tuned"
+EMPTY_REPLY = "The model ended its reply at once (empty reply). Send again, or raise the temperature."
 CHAT_BUTTONS = ["copy", "copy_all"]  # no "share" (to Hugging Face): the demo is local
 
 
@@ -192,6 +194,8 @@ def respond(backend: ChatBackend, user_text: str, history: Sequence[Any] | None,
         warn(str(e))
         yield history, user_text
         return
+    if not reply:
+        warn(EMPTY_REPLY)
     yield [*turn, {"role": "assistant", "content": reply}], ""
 
 
@@ -225,6 +229,8 @@ def respond_compare(backend: ChatBackend, user_text: str, base_history: Sequence
         warn(str(e))
         yield base, tuned, user_text
         return
+    if not base_reply or not tuned_reply:
+        warn(EMPTY_REPLY)
     yield base_turn, [*tuned_turn, {"role": "assistant", "content": tuned_reply}], ""
 
 
@@ -264,7 +270,7 @@ def build_ui(backend: ChatBackend, compare: bool = False, title: str = "RolePlay
                     clear_btn = gr.Button("Clear", elem_id="clear")
             with gr.Column(scale=1, min_width=240):
                 role_dd = gr.Dropdown(choices=roles, value=roles[0], label="Role", elem_id="role")
-                card = gr.Markdown(role_card(roles[0], backend.profiles))
+                card = gr.Markdown(role_card(roles[0], backend.profiles), elem_id="role-card")
                 limit = backend.max_new_tokens_limit()
                 max_tokens = gr.Slider(MAX_NEW_TOKENS_RANGE[0], limit, value=min(DEFAULT_MAX_NEW_TOKENS, limit),
                                        step=1, label="Max new tokens", elem_id="max-new-tokens")
@@ -310,12 +316,25 @@ def serve(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
         demo.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=False,
                     prevent_thread_lock=True, quiet=True, run_history=False, footer_links=["api", "settings"])
     except OSError as e:
-        raise utils.UserError(f"cannot serve on {host}:{port} ({e}); pick another --port") from e
+        raise utils.UserError(f"cannot serve on {host}:{port} (port in use?); pick another --port") from e
     url = str(demo.local_url)
     print(f"Running on {url}", flush=True)
     if block:
         demo.block_thread()
     return url
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail before the (slow) model load when `host:port` cannot be bound."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise utils.UserError(f"cannot serve on {host}:{port} ({e.strerror or e}); "
+                              "pick another --port or --host") from e
 
 
 def is_loopback(host: str) -> bool:
@@ -386,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     check_args(args)
     profiles = utils.load_profiles(args.desc_path)
+    check_port_free(args.host, args.port)
     if not is_loopback(args.host):
         print(f"warning: --host {args.host} is not a loopback address: anyone who can reach this machine can "
               "use the demo (there is no authentication)", file=sys.stderr, flush=True)

@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import utils
+import utils  # the repo root is on sys.path: run this as `python -m baichuan.build_default` from there
 from utils import UserError
+
+REPO = Path(__file__).resolve().parent.parent
 
 BASE_DIR = "data/base"
 TEMPLATES_PATH = "data/attribute_templates.json"
@@ -169,7 +168,8 @@ def pretrain(model: Any, dataset: Any, args: argparse.Namespace) -> list[float]:
     warmup = max(1, int(0.06 * total))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+        opt, lambda s: (s + 1) / warmup if s < warmup
+        else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
     use_bf16 = bf16_supported(torch.device("cpu"))
     model.train()
     losses: list[float] = []

@@ -66,10 +66,12 @@ class BaichuanConfig(PretrainedConfig):
         if self.position_embedding is None:
             self.position_embedding = infer_position_embedding(self.hidden_size, self.num_hidden_layers)
         if self.position_embedding not in POSITION_EMBEDDINGS:
-            raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}")
+            raise ValueError(
+                f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads ({self.num_attention_heads})"
+                f"hidden_size ({self.hidden_size}) must be a multiple of "
+                f"num_attention_heads ({self.num_attention_heads})"
             )
         super().__post_init__(**kwargs)
 

@@ -133,7 +133,9 @@ class BaichuanTokenizer(PreTrainedTokenizer):
         return out + self.sp_model.decode(run)
 
     # --- special tokens ----------------------------------------------------------------------
-    def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None) -> list[int]:
+    def build_inputs_with_special_tokens(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
         """`[bos]? + a + [eos]?`, and for a pair `+ [bos]? + b + [eos]?`."""
         bos = [self.bos_token_id] if self.add_bos_token else []
         eos = [self.eos_token_id] if self.add_eos_token else []

@@ -14,9 +14,11 @@ Sections (--skip any of them):
 - data: data_helper.py wall time on a synthetic RoleBench-sized input (~9.1k lines).
 - gpu: with CUDA, QLoRA MFU from the train section's tokens/s; otherwise "not measured on GPU yet".
 
-Every measurement runs in a fresh subprocess, one at a time, with the same thread count; warm-up
-steps are excluded and medians are taken. Benchmark on an otherwise idle machine: a second
-CPU-heavy process cuts CPU figures 10x (the report shows how busy the machine was).
+Every measurement runs in a fresh subprocess, one at a time, with the same thread count and seed;
+warm-up steps are excluded (training figures are total tokens / total time of the measured steps),
+generation and data_helper figures are medians of repeats after a warm-up call. Benchmark on an
+otherwise idle machine: a second CPU-heavy process cuts CPU figures 10x (the report shows how busy
+the machine was during each measurement).
 
 Examples:
     python bench/run.py                        # full run on output/tiny-baichuan2-chat (~5 min, 2 cores)
@@ -467,9 +469,10 @@ def train_details(ours: dict, alt: dict, alt_sum: dict, prof: dict, prof_sum: di
                f"({pad_factor:.2f}x over a whole epoch: {pct(epoch['ours'])} vs {pct(epoch['random_longest'])});"),
               (f"- padded positions per second: **{compute_factor:.2f}x** (engine, precision, optimizer; shorter "
                "batches also cost less attention per position);"),
-              (f"- train.py's loop re-run with timers (the profiled row) reached {prof_sum['tok_s']:.0f} tok/s vs "
-               f"train.py's own {ours['tok_s']:.0f}: the gap is run-to-run noise plus what the profile leaves out "
-               "(tqdm/TensorBoard logging, the per-step all-reduce of the statistics)."),
+              (f"- train.py's loop re-run with timers (the profiled row, its first {prof_sum['n']} measured steps) "
+               f"reached {prof_sum['tok_s']:.0f} tok/s vs train.py's own {ours['tok_s']:.0f}: they differ by "
+               "run-to-run noise, by batch lengths, and by what the profile leaves out (tqdm/TensorBoard logging, "
+               "the per-step all-reduce of the statistics)."),
               ("- data = fetching and collating a batch (ours: DataLoader over the length-grouped sampler and "
                "utils.DataCollator; Trainer: DataCollatorForSeq2Seq); optimizer = engine.step() (ours: DeepSpeed "
                "ZeRO-2 bf16 optimizer with fp32 master weights, gradient clipping, LR schedule) or the optimizer "

@@ -83,8 +83,10 @@ def synth_train_records(n: int, seed: int = 1234, scale: float = 1.0) -> list[di
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    """utils.write_jsonl, returning the path."""
+    import utils
+
+    utils.write_jsonl(path, records)
     return path
 
 

@@ -16,15 +16,17 @@ Subcommands:
 - `generation`: `model.chat` (KV cache) vs `generate(use_cache=False)`, time to the first streamed
   token (model.chat(stream=True) and utils.chat_stream), and utils.generate_batch tokens/s at batch 1 vs 8.
 
+Every flag a worker does not know itself is a train.py flag (model, data, batch, LoRA, --train_mode,
+--max_steps = the optimizer steps to run), so the workers see exactly the settings train.py sees.
+
 Example:
-    python bench/workers.py weights --model output/tiny-baichuan2-chat --json /tmp/w.json
+    python bench/workers.py weights --json /tmp/w.json --model_name_or_path output/tiny-baichuan2-chat
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import statistics
 import sys
@@ -107,10 +109,6 @@ def vm_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
-
-
-def write_json(path: str, obj: dict) -> None:
-    Path(path).write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,14 +245,14 @@ def run_ours(a: argparse.Namespace) -> dict:
     device = train.resolve_device(targs.device, 0)
     enabled = train.load_ds_config(targs.ds_file).get("bf16", {}).get("enabled")
     bf16 = enabled is True or (enabled == "auto" and train.bf16_supported(device))
-    _, dataset, model, report = load_training_setup(targs, device, bf16)
+    tokenizer, dataset, model, report = load_training_setup(targs, device, bf16)
     sampler = utils.LengthGroupedBatchSampler(dataset.lengths, targs.per_device_train_batch_size, world, 0,
                                               targs.gradient_accumulation_steps, targs.seed)
     ds_config = train.build_ds_config(targs, world, targs.max_steps, bf16)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
     engine.train()
-    loader = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=utils.DataCollator(0)))
+    loader = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=utils.DataCollator(tokenizer.pad_token_id)))
     steps = [ours_step(engine, loader, device, targs.gradient_accumulation_steps) for _ in range(targs.max_steps)]
     return {"steps": steps, "threads": torch.get_num_threads(), "precision": "bf16" if bf16 else "fp32",
             "optimizer": f"DeepSpeed ZeRO-{ds_config['zero_optimization']['stage']} {ds_config['optimizer']['type']}",
@@ -290,47 +288,29 @@ def ours_step(engine: Any, loader: Any, device: Any, grad_accum: int) -> dict:
 # weights: resident bytes NF4 vs bf16 vs fp32
 # ---------------------------------------------------------------------------------------------
 def decoder_linears(model: Any) -> list[Any]:
-    """The decoder's linear layers (nn.Linear or bitsandbytes), without the output head."""
-    import torch
+    """The linear layers that 4-bit loading quantizes and LoRA wraps (utils.find_all_linear_names: every
+    linear layer but the output head)."""
+    import utils
 
-    types: tuple[type, ...] = (torch.nn.Linear,)
-    try:
-        import bitsandbytes as bnb
-
-        types += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
-    except ImportError:
-        pass
-    head = model.get_output_embeddings()
-    return [m for name, m in model.named_modules()
-            if isinstance(m, types) and m is not head and not name.endswith("lm_head")]
-
-
-def load_for_weights(model_path: str, kind: str, device: Any) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    import baichuan  # noqa: F401  (registers the Auto classes)
-
-    kwargs: dict[str, Any] = {"device_map": {"": device}, "dtype": torch.float32 if kind == "fp32" else torch.bfloat16}
-    if kind == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
-    return AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    names = set(utils.find_all_linear_names(model))
+    return [m for name, m in model.named_modules() if name.split(".")[-1] in names]
 
 
 def run_weights(a: argparse.Namespace) -> dict:
+    """Resident weight bytes loaded as NF4 + double quant (bf16 compute, utils.load_model_for_inference
+    with load_in_4bit, as QLoRA trains it), bf16 and fp32."""
     import gc
 
     import torch
 
+    import utils
     from baichuan import resident_weight_bytes
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out: dict[str, Any] = {"cuda_device": torch.cuda.get_device_name(0) if device.type == "cuda" else None}
+    out: dict[str, Any] = {"cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     for kind in ("nf4", "bf16", "fp32"):
         t0 = time.perf_counter()
-        model = load_for_weights(a.train.model_name_or_path, kind, device)
+        dtype = "fp32" if kind == "fp32" else "bf16"
+        model, _ = utils.load_model_for_inference(a.train.model_name_or_path, dtype=dtype, load_in_4bit=kind == "nf4")
         load_s = time.perf_counter() - t0
         linears = decoder_linears(model)
         out[kind] = {"whole": resident_weight_bytes(model),
@@ -447,8 +427,9 @@ TASKS: dict[str, Callable[[argparse.Namespace], dict]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
-    result = TASKS[a.task](a)
-    write_json(a.json, result)
+    import utils
+
+    utils.write_json(a.json, TASKS[a.task](a))
     return 0
 
 

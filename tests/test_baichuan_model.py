@@ -116,7 +116,8 @@ def test_forward_matches_naive_spec_reference(position_embedding: str) -> None:
 
 
 def test_config_real_files_and_inference_of_position_embedding() -> None:
-    seven_b = {"architectures": ["BaichuanForCausalLM"], "auto_map": {"AutoConfig": "configuration_baichuan.BaichuanConfig"},
+    seven_b = {"architectures": ["BaichuanForCausalLM"],
+               "auto_map": {"AutoConfig": "configuration_baichuan.BaichuanConfig"},
                "tokenizer_class": "BaichuanTokenizer", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
                "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 11008,
                "max_position_embeddings": 4096, "model_max_length": 4096, "model_type": "baichuan",

@@ -26,7 +26,8 @@ PROFILES = {
 }
 
 GENERAL_TRAIN = [
-    {"role": "孙悟空", "question": "编辑以下句子：我去了商店。", "generated": ["俺老孙改好了：我去了商店。", "俺老孙说：好！"]},
+    {"role": "孙悟空", "question": "编辑以下句子：我去了商店。",
+     "generated": ["俺老孙改好了：我去了商店。", "俺老孙说：好！"]},
     {"role": "孙悟空", "question": "写一首关于月亮的诗。", "generated": ["月儿弯弯挂天边", "月亮", "第三个回答"]},
     {"role": "李白", "question": "写一首关于月亮的诗。", "generated": ["床前明月光"]},
     {"role": "皇帝", "question": "给出三个水果。", "generated": ["苹果、香蕉、橘子，朕都爱吃。"]},
@@ -37,7 +38,8 @@ GENERAL_TEST = [
 ]
 SPECIFIC_TRAIN = [
     {"role": "皇帝", "question": "皇上，您今天批了多少奏折？", "generated": ["朕批了一百本。"], "type": "script_based"},
-    {"role": "孙悟空", "question": "大圣，你的金箍棒有多重？", "generated": ["一万三千五百斤！"], "type": "script_based"},
+    {"role": "孙悟空", "question": "大圣，你的金箍棒有多重？", "generated": ["一万三千五百斤！"],
+     "type": "script_based"},
 ]
 SPECIFIC_TEST = [
     {"role": "皇帝", "question": "皇上，年羹尧该如何处置？", "generated": ["朕自有分寸。"], "type": "script_based"},
@@ -388,11 +390,13 @@ BAD_LINES = {
     "wrong_type": (json.dumps({"role": "李白", "question": 5, "generated": ["x"]}).encode(), "'question' must be"),
     "generated_str": (json.dumps({"role": "李白", "question": "q", "generated": "x"}).encode(), "list of strings"),
     "generated_item": (json.dumps({"role": "李白", "question": "q", "generated": [1]}).encode(), "generated[0]"),
-    "empty_generated": (json.dumps({"role": "李白", "question": "q", "generated": []}).encode(), "'generated' is empty"),
+    "empty_generated": (json.dumps({"role": "李白", "question": "q", "generated": []}).encode(),
+                        "'generated' is empty"),
     "no_profile": (json.dumps({"role": "猪八戒", "question": "q", "generated": ["x"]}).encode(), "no profile"),
     "not_utf8": ('{"role": "李白", "question": "问", "generated": ["答"]}'.encode("gbk"), "not UTF-8"),
     "surrogate": (b'{"role": "\\u674e\\u767d", "question": "\\ud800", "generated": ["x"]}', "unpaired surrogate"),
-    "huge_number": (b'{"role": "x", "question": "q", "generated": ["x"], "n": ' + b"9" * 5000 + b"}", "unreadable JSON"),
+    "huge_number": (b'{"role": "x", "question": "q", "generated": ["x"], "n": ' + b"9" * 5000 + b"}",
+                    "unreadable JSON"),
     "deep_nesting": (b"[" * 100_000, "unreadable JSON"),
 }
 
@@ -607,7 +611,8 @@ def synthetic_rolebench(root: Path, lines: int = 9000) -> Path:
     sizes = {("general", "train"): int(lines * 0.65), ("general", "test"): int(lines * 0.16),
              ("role_specific", "train"): int(lines * 0.165), ("role_specific", "test"): int(lines * 0.025)}
     for (kind, split), n in sizes.items():
-        recs = [{"role": roles[i % len(roles)], "question": f"称呼，第{i % (n // 3 + 1)}个{kind}{split}问题：" + "字" * (i % 40),
+        recs = [{"role": roles[i % len(roles)],
+                 "question": f"称呼，第{i % (n // 3 + 1)}个{kind}{split}问题：" + "字" * (i % 40),
                  "generated": [f"回答{j}" + "嗯" * ((i * 7 + j) % 200) for j in range(1 + i % 5)]} for i in range(n)]
         dump_jsonl(rolebench_path(root, "flat", kind, split), recs)
     return root

@@ -13,5 +13,6 @@ REPO = Path(__file__).resolve().parent.parent
 def test_ruff_clean() -> None:
     if shutil.which("ruff") is None:
         pytest.skip("ruff not installed (pip install -r requirements.txt)")
-    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=REPO, capture_output=True, text=True, check=False)
+    cmd = [sys.executable, "-m", "ruff", "check", "."]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr

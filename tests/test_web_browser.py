@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -96,9 +98,13 @@ def wait_until_serving(url: str, proc: subprocess.Popen, timeout: float = SERVER
 
 
 def pick_role(page: object, role: str) -> None:
+    """Choose `role` and wait until the server has handled the switch (it resets the chat and shows the
+    role's card); a message sent before that would be wiped by the reset."""
     page.click("#role input")
     page.get_by_role("option", name=role, exact=True).click()
-    page.wait_for_function("r => document.querySelector('#role input').value === r", arg=role)
+    page.wait_for_function(
+        """r => document.querySelector('#role input').value === r
+            && document.querySelector('#role-card').innerText.startsWith(r)""", arg=role, timeout=60_000)
 
 
 def send_and_wait(page: object, text: str, turn: int, timeout_s: float = REPLY_TIMEOUT) -> tuple[str, list[int]]:
@@ -118,18 +124,33 @@ def send_and_wait(page: object, text: str, turn: int, timeout_s: float = REPLY_T
     }""")
     page.fill("#user-input textarea", text)
     page.click("#submit")
-    # The reply is in (n-th bot bubble with text) and the event is over (status tracker hidden again).
-    page.wait_for_function(
-        """([bot, user, n]) => {
-            const bots = document.querySelectorAll(bot);
-            const tracker = document.querySelector('#chat [data-testid="status-tracker"]');
-            return document.querySelectorAll(user).length === n && bots.length === n
-                && bots[n - 1].innerText.trim().length > 0 && tracker && tracker.classList.contains('hide');
-        }""",
-        arg=[BOT_MESSAGES, USER_MESSAGES, turn], timeout=timeout_s * 1000, polling=100)
+    # The event is over: the n-th user bubble is shown and the chat's status tracker is hidden again.
+    try:
+        page.wait_for_function(
+            """([user, n]) => {
+                const tracker = document.querySelector('#chat [data-testid="status-tracker"]');
+                return document.querySelectorAll(user).length === n && tracker && tracker.classList.contains('hide');
+            }""",
+            arg=[USER_MESSAGES, turn], timeout=timeout_s * 1000, polling=100)
+    except Exception as e:
+        raise AssertionError(f"reply {turn} did not finish: {page_state(page)}") from e
+    if page.locator(BOT_MESSAGES).count() != turn:
+        raise AssertionError(f"reply {turn} is missing or empty: {page_state(page)}")
     reply = page.locator(BOT_MESSAGES).nth(turn - 1).inner_text()
     lengths = page.evaluate("() => window.__lengths")
     return reply, lengths
+
+
+def page_state(page: object) -> str:
+    """What the chat shows, for failure messages."""
+    return page.evaluate("""() => JSON.stringify({
+        messages: Array.from(document.querySelectorAll('#chat .message')).map(e => e.className + ': '
+            + e.innerText.slice(0, 60)),
+        tracker: document.querySelector('#chat [data-testid="status-tracker"]')?.className,
+        role: document.querySelector('#role input')?.value,
+        box: document.querySelector('#user-input textarea')?.value.slice(0, 60),
+        toasts: Array.from(document.querySelectorAll('.toast-body')).map(e => e.innerText.slice(0, 120)),
+    })""")
 
 
 def run_session(url: str, role: str, screenshots: Sequence[Path], messages: Sequence[str] = MESSAGES,
@@ -169,6 +190,16 @@ def run_session(url: str, role: str, screenshots: Sequence[Path], messages: Sequ
 # ---------------------------------------------------------------------------------------------
 # pytest
 # ---------------------------------------------------------------------------------------------
+def tiny_model_without_empty_replies(src: Path, dst: Path) -> Path:
+    """A copy of the random tiny model whose generation config asks for at least 8 new tokens: a random
+    model may otherwise end at once, and an empty reply shows no bubble to wait for."""
+    shutil.copytree(src, dst)
+    config_path = dst / "generation_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config_path.write_text(json.dumps({**config, "min_new_tokens": 8}, indent=2), encoding="utf-8")
+    return dst
+
+
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason=f"{CHROMIUM} not found: apt-get install chromium fonts-wqy-zenhei")
 
@@ -181,7 +212,7 @@ def demo_target(tmp_path: Path, request: pytest.FixtureRequest) -> dict:
         profiles = Path(os.environ.get("WEB_DEMO_PROFILES") or DEFAULT_PROFILES)
         device = os.environ.get("WEB_DEMO_DEVICE", "auto")
     else:
-        model = str(request.getfixturevalue("tiny_model_dir"))
+        model = str(tiny_model_without_empty_replies(request.getfixturevalue("tiny_model_dir"), tmp_path / "model"))
         profiles = Path(os.environ.get("WEB_DEMO_PROFILES") or tmp_path / "profiles.json")
         if not profiles.exists():
             profiles.write_text(json.dumps(TEST_ROLES, ensure_ascii=False), encoding="utf-8")
@@ -242,14 +273,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     role = args.role or (roles[1] if len(roles) > 1 else roles[0])
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    log_path = Path(args.out).with_suffix(".log")
-    proc = start_server(args.model_path, args.desc_path, port, args.device, args.adapter_dir, log_path)
-    try:
-        wait_until_serving(url, proc, log_path=log_path)
-        result = run_session(url, role, [Path(args.out)])
-    finally:
-        stop_server(proc)
-    log_path.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="web_demo-") as tmp:
+        log_path = Path(tmp) / "web_demo.log"
+        proc = start_server(args.model_path, args.desc_path, port, args.device, args.adapter_dir, log_path)
+        try:
+            wait_until_serving(url, proc, log_path=log_path)
+            result = run_session(url, role, [Path(args.out)])
+        finally:
+            stop_server(proc)
     for text, reply in zip(MESSAGES, result["replies"], strict=True):
         print(f"[{role}] user: {text}\n[{role}] reply: {reply}\n")
     print(f"screenshot: {args.out}")

@@ -237,6 +237,13 @@ def test_over_long_input_is_refused(backend: web_demo.ChatBackend, spy: Generate
     assert spy.calls == []
 
 
+def test_empty_reply_warns(backend: web_demo.ChatBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(utils, "chat_stream", lambda *args: iter(()))  # the model ended at once
+    with pytest.warns(UserWarning, match="empty reply"):
+        outputs = run_all(web_demo.respond(backend, "你好", [], "孙悟空", 8, 0.8, 0.3))
+    assert outputs[-1] == ([{"role": "user", "content": "你好"}, {"role": "assistant", "content": ""}], "")
+
+
 def test_budget_error_becomes_warning(backend: web_demo.ChatBackend, spy: GenerateSpy) -> None:
     too_many = utils.context_length(backend.model)  # leaves no room for the prompt
     with pytest.warns(UserWarning, match="max_new_tokens"):
@@ -440,6 +447,18 @@ def test_non_loopback_host_warns(tiny_model_dir: Path, capsys: pytest.CaptureFix
     assert seen["device"] == "cuda:0"
     utils.run_main(web_demo.main, ["--model_path", str(tiny_model_dir), "--desc_path", str(profiles_path)])
     assert "warning" not in capsys.readouterr().err
+
+
+def test_busy_port_fails_before_loading(tiny_model_dir: Path, capsys: pytest.CaptureFixture, profiles_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(utils, "load_model_for_inference", lambda *a, **k: pytest.fail("loaded the model"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rc = utils.run_main(web_demo.main, ["--model_path", str(tiny_model_dir), "--desc_path", str(profiles_path),
+                                            "--port", str(port)])
+    assert rc == 2 and f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
 def test_defaults_are_safe() -> None:
