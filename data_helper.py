@@ -366,8 +366,13 @@ def expand_attributes(
     *,
     table_path: str = "attribute table",
     templates_path: str = "attribute templates",
+    per_fact: int = 0,
 ) -> list[dict]:
     """Single-turn fact records: every character x attribute x question template of `template_sets`.
+
+    With `per_fact` > 0, each (character, attribute) gets only `per_fact` phrasings drawn (seeded)
+    from the "train" pool: a large pool then adds wording variety across characters without
+    multiplying the records. Test sets ("heldout", "novel") always use every phrasing.
 
     `table` is {"attributes": [...], "characters": {name: {attribute: value}}}; `templates` maps
     attribute -> {"train"|"heldout"|"novel": [questions with {name}], "answer": [answers with
@@ -387,14 +392,18 @@ def expand_attributes(
             if not isinstance(value, str) or not value.strip():
                 raise DataError(f"{table_path}: {name}.{attr} must be a non-empty string or null, got {value!r}; "
                                 "fix the attribute table")
-            records.extend(_fact_records(name, attr, value, templates[attr], template_sets, seed))
+            records.extend(_fact_records(name, attr, value, templates[attr], template_sets, seed, per_fact))
     return records
 
 
-def _fact_records(name: str, attr: str, value: str, entry: dict, sets: Sequence[str], seed: int) -> list[dict]:
+def _fact_records(name: str, attr: str, value: str, entry: dict, sets: Sequence[str], seed: int,
+                  per_fact: int = 0) -> list[dict]:
     records = []
     for template_set in sets:
-        for question in entry.get(template_set, []):
+        questions = list(entry.get(template_set, []))
+        if template_set == "train" and 0 < per_fact < len(questions):
+            questions = random.Random(f"{seed}\x00{name}\x00{attr}").sample(questions, per_fact)
+        for question in questions:
             rng = random.Random(f"{seed}\x00{name}\x00{attr}\x00{question}")  # str seeds hash stably (sha512)
             records.append({
                 "instruction": "",  # no persona: a neutral question about the character
@@ -406,7 +415,8 @@ def _fact_records(name: str, attr: str, value: str, entry: dict, sets: Sequence[
     return records
 
 
-def load_attributes(table_path: Path, templates_path: Path, seed: int, report: Report) -> dict[str, list[dict]]:
+def load_attributes(table_path: Path, templates_path: Path, seed: int, report: Report,
+                    per_fact: int = 0) -> dict[str, list[dict]]:
     """split -> attribute records: train phrasings in train, heldout and novel phrasings in test."""
     hint = "pass --attributes '' to build without attributes"
     table = _read_json(table_path, "attribute table", f"pass --attributes PATH, or {hint}")
@@ -414,7 +424,7 @@ def load_attributes(table_path: Path, templates_path: Path, seed: int, report: R
     out, counts = {}, []
     _check_phrasings_disjoint(templates, templates_path)
     for split, sets in (("train", TRAIN_TEMPLATE_SETS), ("test", TEST_TEMPLATE_SETS)):
-        records = expand_attributes(table, templates, sets, seed,
+        records = expand_attributes(table, templates, sets, seed, per_fact=per_fact,
                                     table_path=str(table_path), templates_path=str(templates_path))
         out[split] = [{**r, "split": split} for r in records]
         found = Counter(r["template_set"] for r in records)
@@ -446,6 +456,9 @@ def _as_list(value: Any) -> list:
 # ---------------------------------------------------------------------------------------------
 # The build
 # ---------------------------------------------------------------------------------------------
+TEMPLATES_PER_FACT = 24  # train phrasings per (character, attribute), drawn from the train pool
+
+
 @dataclass
 class Options:
     data_dir: str = utils.DATA_DIR
@@ -456,6 +469,7 @@ class Options:
     max_replies: int = 2
     strip_address: bool = False
     seed: int = 42
+    templates_per_fact: int = TEMPLATES_PER_FACT
     output_dir: str = str(Path(utils.TRAIN_PATH).parent)
     skip_bad: bool = False
 
@@ -504,7 +518,8 @@ def build(opts: Options) -> tuple[list[dict], list[dict], Report]:
         parts.append(load_rolebench(files, roles, opts.strip_address, opts.max_replies, report))
         _note_roles_without_data(roles, parts[-1], report)
     if opts.attributes:
-        parts.append(load_attributes(Path(opts.attributes), Path(opts.templates), opts.seed, report))
+        parts.append(load_attributes(Path(opts.attributes), Path(opts.templates), opts.seed, report,
+                                     opts.templates_per_fact))
     train = _dedupe([r for p in parts for r in p["train"]], report)
     test = _dedupe([r for p in parts for r in p["test"]], report)
     if not train:
@@ -676,6 +691,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                    help="drop the leading address (text up to the first '，') from role-specific questions")
     p.add_argument("--seed", type=int, default=42,
                    help="seed of the train shuffle and the answer templates; default %(default)s")
+    p.add_argument("--templates_per_fact", type=int, default=TEMPLATES_PER_FACT,
+                   help="train phrasings drawn per (character, attribute) from the train pool (0: all); "
+                        "default %(default)s")
     p.add_argument("--output_dir", default=str(Path(utils.TRAIN_PATH).parent),
                    help="where train.json and test.json go; default %(default)s")
     p.add_argument("--skip_bad", action="store_true", help="count and report bad records instead of failing")

@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_hidden_layers", type=int, default=4, help="decoder layers")
     p.add_argument("--num_attention_heads", type=int, default=4, help="attention heads")
     p.add_argument("--merges", type=int, default=1500, help="BPE pieces beyond the single characters")
-    p.add_argument("--epochs", type=int, default=8, help="passes over the base data")
+    p.add_argument("--epochs", type=int, default=5, help="passes over the base data")
     p.add_argument("--batch_size", type=int, default=16, help="samples per step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warmup, cosine decay)")
     p.add_argument("--max_len", type=int, default=320, help="max tokens per sample")
@@ -68,12 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------
 def base_records(base_dir: Path, templates_path: Path, seed: int) -> list[dict]:
     """General corpus + attribute Q&A about the base's own characters (train + heldout phrasings)."""
-    from data_helper import expand_attributes
+    from data_helper import TEMPLATES_PER_FACT, expand_attributes
 
     records = [r for _, r in utils.read_jsonl(base_dir / "general_corpus.jsonl")]
     table = json.loads((base_dir / "attributes.json").read_text(encoding="utf-8"))
     templates = json.loads(templates_path.read_text(encoding="utf-8"))
-    records += expand_attributes(table, templates, ["train", "heldout"], seed)
+    records += expand_attributes(table, templates, ["train", "heldout"], seed, per_fact=TEMPLATES_PER_FACT)
     return records
 
 
