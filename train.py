@@ -576,7 +576,10 @@ def log_step(state: dict, window: dict, scheduler: Any, writer: Any, progress: A
     pad_share = 1 - stats[2].item() / max(stats[3].item(), 1)
     lr = scheduler.get_last_lr()[0] if scheduler is not None else float("nan")
     state["history"]["train"].append((state["global_step"], loss))
-    state.setdefault("throughput", []).append((state["global_step"], tok_s, pad_share))
+    # [step, tokens/s, padding share, non-pad tokens, padded positions, seconds]: enough to re-derive
+    # any aggregate (bench/run.py reads these)
+    state.setdefault("throughput", []).append(
+        (state["global_step"], tok_s, pad_share, int(stats[2].item()), int(stats[3].item()), elapsed))
     if writer and state["global_step"] % args.log_steps == 0:
         writer.add_scalar("train/loss", loss, state["global_step"])
         writer.add_scalar("train/lr", lr, state["global_step"])

@@ -378,7 +378,7 @@ class LengthGroupedBatchSampler:
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, world_size: int = 1, rank: int = 0,
-                 grad_accum: int = 1, seed: int = 0, megabatch: int = 16) -> None:
+                 grad_accum: int = 1, seed: int = 0, megabatch: int = 64) -> None:
         self.lengths = list(lengths)
         self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
         self.grad_accum, self.seed, self.megabatch = grad_accum, seed, megabatch

@@ -79,8 +79,9 @@ def batch_sizes(lengths: Sequence[int], batches: list[list[int]], multiple: int)
 
 def epoch_padding(lengths: Sequence[int], batch_size: int, grad_accum: int, seed: int, steps: int) -> dict[str, Any]:
     """Padding share over one whole epoch, ours (train.py's length-grouped sampler, utils.DataCollator's
-    multiple of 8) vs random batches padded to their longest (the Trainer's default, no length grouping);
-    and the (tokens, positions) of each of train.py's first `steps` optimizer steps (its log has rates only)."""
+    multiple: 8 on CUDA, 1 on CPU, as train.py) vs random batches padded to their longest (the Trainer's
+    default, no length grouping); and the (tokens, positions) of each of train.py's first `steps`
+    optimizer steps."""
     import torch
 
     import utils
@@ -89,7 +90,8 @@ def epoch_padding(lengths: Sequence[int], batch_size: int, grad_accum: int, seed
         return 1 - sum(t for t, _ in sizes) / sum(p for _, p in sizes)
 
     ours_batches = utils.LengthGroupedBatchSampler(lengths, batch_size, 1, 0, grad_accum, seed).micro_batches(0)
-    ours = batch_sizes(lengths, ours_batches, 8)
+    multiple = 8 if torch.cuda.is_available() else 1  # as train.py pads on this device
+    ours = batch_sizes(lengths, ours_batches, multiple)
     order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
     rand = batch_sizes(lengths, [order[i:i + batch_size] for i in range(0, len(order), batch_size)], 1)
     per_step = [[sum(x) for x in zip(*ours[k * grad_accum:(k + 1) * grad_accum], strict=True)]
