@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -123,6 +124,9 @@ def bf16_supported(device: Any) -> bool:
 
 def check_model_dir(path: str) -> None:
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        if not any(any(Path(path).glob(pattern)) for pattern in utils.WEIGHT_PATTERNS):
+            raise UserError(f"{path}: no model weights (*.safetensors or pytorch_model*.bin); the download is "
+                            "incomplete: fetch the model again")
         return
     raise UserError(
         f"model folder {path!r} not found or has no config.json. For real weights download "
@@ -135,7 +139,11 @@ def load_tokenizer(path: str) -> Any:
 
     import baichuan  # noqa: F401  (registers the Baichuan classes with the Auto factories)
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: tokenizer does not load ({str(e).splitlines()[0][:200]}); the folder needs its "
+                        "tokenizer files (tokenizer.model or tokenizer.json + tokenizer_config.json)") from e
     if tokenizer.eos_token_id is None:
         raise UserError(f"{path}: tokenizer has no eos token; training needs one to end replies")
     return tokenizer
@@ -217,9 +225,13 @@ def load_ds_config(path: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"DeepSpeed config {path!r} not found; pass --ds_file ds_zero2_no_offload.json")
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        ds = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"DeepSpeed config {path}: does not parse ({e}); fix the JSON") from e
+    if not isinstance(ds, dict):
+        raise UserError(f"DeepSpeed config {path}: must be a JSON object, got {type(ds).__name__}; "
+                        "start from ds_zero2_no_offload.json")
+    return ds
 
 
 def resolve_ds_config(ds: dict, path: str, values: dict[str, Any]) -> dict:
@@ -271,25 +283,35 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, Path]]:
 
 
 def rng_state() -> dict:
+    """Python, numpy and torch RNG states as tensors, lists, ints and floats only, so that resume can read
+    them with `torch.load(weights_only=True)` (no unpickling of arbitrary objects)."""
     import random
 
     import numpy as np
     import torch
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                       float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` saved."""
     import random
 
     import numpy as np
     import torch
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -360,7 +382,14 @@ def load_resume_state(engine: Any, args: argparse.Namespace) -> dict | None:
     state = {k: v for k, v in state.items() if k in STATE_KEYS}
     rng_file = ckpt / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))  # our own file: python/numpy RNG tuples
+        try:
+            rng = torch.load(rng_file, weights_only=True)  # tensors, lists and numbers only: nothing unpickled
+        except pickle.UnpicklingError:
+            rng = None
+            print_rank0(f"warning: {rng_file} is in an older format that needs unpickling; RNG state not restored "
+                        "(dropout after the resume may differ from an uninterrupted run)")
+        if rng is not None:
+            set_rng_state(rng)
     print_rank0(f"resumed from {ckpt} (global step {state['global_step']})")
     return state
 

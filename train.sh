@@ -34,6 +34,7 @@ ENV_SET=" $(env | cut -d= -f1 | tr '\n' ' ') "   # variables the caller set (the
 : "${LORA_ALPHA:=64}"
 : "${LORA_DROPOUT:=0.1}"
 : "${MODULES_TO_SAVE:=}"          # modules trained in full next to LoRA, e.g. lm_head
+: "${PLOT_TO_IMAGES:=1}"          # also write the loss plot to images/loss.png
 : "${GRADIENT_CHECKPOINTING:=1}"  # recompute activations: less memory, ~35% slower steps
 : "${DS_FILE:=ds_zero2_no_offload.json}"
 : "${SEED:=1234}"
@@ -47,7 +48,8 @@ ENV_SET=" $(env | cut -d= -f1 | tr '\n' ' ') "   # variables the caller set (the
 : "${OVERWRITE_OUTPUT_DIR:=0}"    # 1: replace checkpoints of an earlier run in $OUTPUT_DIR
 
 # --- the embedded tiny default, when no real weights are here -------------------------------------
-TINY_MODEL=output/tiny-baichuan2-chat
+: "${TINY_MODEL:=output/tiny-baichuan2-chat}"  # where the embedded default is (built if absent)
+: "${BUILD_ARGS:=}"                             # extra flags for its build, e.g. "--epochs 3"
 # Why these: the tiny base needs ~400 optimizer steps at a high lr to learn 16 new characters; its
 # frozen head cannot produce the new names and facts, so the head (and embeddings) train in full;
 # activations are small, so recomputing them would only cost time.
@@ -56,7 +58,7 @@ TINY_SETTINGS="OUTPUT_DIR=output/tiny-qlora OVERWRITE_OUTPUT_DIR=1 BATCH_SIZE=16
 if [ ! -f "$MODEL/config.json" ]; then
   echo "train.sh: $MODEL not found (no config.json); training the embedded tiny default $TINY_MODEL with CPU-sized settings"
   MODEL=$TINY_MODEL
-  [ -f "$MODEL/config.json" ] || python -m baichuan.build_default --out "$MODEL"
+  [ -f "$MODEL/config.json" ] || python -m baichuan.build_default --out "$MODEL" $BUILD_ARGS
   for kv in $TINY_SETTINGS; do
     case "$ENV_SET" in *" ${kv%%=*} "*) ;; *) eval "$kv" ;; esac
   done
@@ -94,7 +96,7 @@ if has_stage train; then
     --save_model_step "$SAVE_MODEL_STEP" \
     $([ "$GRADIENT_CHECKPOINTING" = 1 ] && echo --gradient_checkpointing) \
     --is_skip \
-    --plot_to_images \
+    $([ "$PLOT_TO_IMAGES" = 1 ] && echo --plot_to_images) \
     $EXTRA_ARGS
   echo "train.sh: training took $((SECONDS - T0))s"
 fi

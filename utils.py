@@ -134,7 +134,12 @@ def build_prompt_ids(
 
 
 def _template_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]], max_input_tokens: int) -> list[int]:
-    """Chat-template prompt; drop the oldest user/assistant rounds until it fits, keep the system."""
+    """Chat-template prompt; drop the oldest user/assistant rounds until it fits, keep the system.
+
+    Message text is passed through `neutralize_special_text` first, so text spelling a special token
+    (e.g. "<|im_end|>\n<|im_start|>assistant") cannot forge a turn: only the template emits markers.
+    """
+    messages = [{**m, "content": neutralize_special_text(tokenizer, m["content"])} for m in messages]
     system = [m for m in messages[:1] if m["role"] == "system"]
     rest = list(messages[len(system):])
     while True:
@@ -143,6 +148,26 @@ def _template_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]], max
         if len(ids) <= max_input_tokens or next_user is None:
             return ids[-max_input_tokens:]
         rest = rest[next_user:]
+
+
+WORD_JOINER = "\u2060"  # invisible, no width: splits a special token's text without changing what it reads
+
+
+def neutralize_special_text(tokenizer: Any, text: str) -> str:
+    """`text` with every occurrence of a special token's string (e.g. "<|im_start|>", "<|endoftext|>")
+    broken by a WORD JOINER after its first character, so the tokenizer encodes it as plain text and
+    never as the control id. Chat-template tokenizers match special strings anywhere in the rendered
+    prompt; this is how user/role/answer text is kept from forging turn markers or an early EOS."""
+    specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", []) or []}
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    specials |= {t.content for t in decoder.values() if getattr(t, "special", False)}
+    specials = sorted((t for t in specials if len(t) > 1), key=len, reverse=True)
+    for _ in range(8):  # one pass suffices unless a special string contains the joiner itself
+        if not any(t in text for t in specials):
+            break
+        for t in specials:
+            text = text.replace(t, t[0] + WORD_JOINER + t[1:])
+    return text
 
 
 def _apply_template(tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> list[int]:
@@ -181,7 +206,7 @@ def _answer_ids(tokenizer: Any, answer: str, generation_config: Any = None) -> l
     """Answer text ids. Baichuan: encoded like message text in the prompt builder, so answer text
     that spells "</s>" or a turn marker cannot put a control id (an early EOS) into the labels."""
     if not is_baichuan_tokenizer(tokenizer):
-        return encode_text(tokenizer, answer)
+        return encode_text(tokenizer, neutralize_special_text(tokenizer, answer))
     from baichuan.generation_utils import control_token_ids, encode_content
 
     markers = {}
@@ -450,7 +475,14 @@ def plot_loss(history: dict[str, list], paths: Iterable[str | os.PathLike], titl
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     train = history.get("train", [])
     if train:
-        ax.plot([s for s, _ in train], [v for _, v in train], lw=1, label="train loss")
+        steps, values = [s for s, _ in train], [v for _, v in train]
+        ax.plot(steps, values, lw=0.6, alpha=0.35, label="train loss (per step)")
+        # Length-grouped batches mix short and long samples step by step, so the raw curve jumps;
+        # a moving average shows the trend.
+        k = max(1, min(25, len(values) // 10))
+        windows = [values[max(0, i - k + 1):i + 1] for i in range(len(values))]
+        smooth = [sum(w) / len(w) for w in windows]
+        ax.plot(steps, smooth, lw=1.6, label=f"train loss (mean of last {k} steps)")
     ev = history.get("eval", [])
     if ev:
         ax.plot([s for s, _ in ev], [v for _, v in ev], "o-", label="eval loss (per epoch)")

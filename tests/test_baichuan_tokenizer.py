@@ -95,8 +95,8 @@ def test_save_load_round_trip(shipped: BaichuanTokenizer, bare: BaichuanTokenize
     assert config["add_bos_token"] is False and config["add_eos_token"] is False
     assert config["pad_token"] == "<unk>" and config["model_max_length"] == 512
     assert (tmp_path / "shipped" / "tokenizer.model").is_file()
-    shipped = tmp_path / "shipped"
-    for loaded in (BaichuanTokenizer.from_pretrained(shipped), AutoTokenizer.from_pretrained(shipped)):
+    shipped_dir = tmp_path / "shipped"
+    for loaded in (BaichuanTokenizer.from_pretrained(shipped_dir), AutoTokenizer.from_pretrained(shipped_dir)):
         assert type(loaded) is BaichuanTokenizer
         assert loaded.add_bos_token is False and loaded.pad_token_id == 0
         for text in TEXTS:

@@ -31,17 +31,17 @@ def test_quick_run_writes_every_section(tmp_path: Path, tiny_model_dir: Path) ->
     assert "## Results" in proc.stdout  # the table is printed too
 
 
-def test_train_py_steps_recovers_seconds_and_checks_padding() -> None:
-    entries = [[1, 100.0, 0.5], [2, 200.0, 0.25], [3, 300.0, 0.0]]
-    sizes = [[10, 20], [30, 40], [60, 60]]
-    steps = bench_run.train_py_steps(entries, sizes, warmup=1)
+def test_train_py_steps_read_logged_counts() -> None:
+    # train.py logs [step, tokens/s, padding share, tokens, padded positions, seconds] per step
+    entries = [[1, 50.0, 0.5, 10, 20, 0.2], [2, 200.0, 0.25, 30, 40, 0.15], [3, 300.0, 0.0, 60, 60, 0.2]]
+    steps = bench_run.train_py_steps(entries, warmup=1)
     assert steps == [{"tokens": 30, "positions": 40, "seconds": 0.15}, {"tokens": 60, "positions": 60,
                                                                           "seconds": 0.2}]
     summary = bench_run.phase_summary(steps)
     assert summary["tok_s"] == pytest.approx(90 / 0.35)
     assert summary["pad"] == pytest.approx(1 - 90 / 100)
-    with pytest.raises(RuntimeError, match="does not match"):
-        bench_run.train_py_steps([[1, 100.0, 0.1]], [[10, 20]], warmup=0)
+    with pytest.raises(RuntimeError, match="no step after"):
+        bench_run.train_py_steps(entries, warmup=3)
 
 
 def test_unknown_section_is_a_usage_error() -> None:

@@ -157,9 +157,10 @@ def test_merge_changes_only_adapter_targets(models: dict[str, Path]) -> None:
     assert "lm_head.weight" not in changed or "lm_head" in targets
 
 
-def test_padded_vocabulary_shrunk_by_training(tmp_path: Path) -> None:
+def test_padded_vocabulary_kept_by_training(tmp_path: Path) -> None:
     """A base whose vocabulary is padded past its tokenizer (as Qwen2's 152064 rows vs ~151.6k tokens):
-    train.py's pad-token resize shrinks it to len(tokenizer); loading and merging must follow."""
+    the added pad token fits an existing row, so train.py keeps the padded size; loading and merging
+    must keep it too."""
     from transformers import AutoModelForCausalLM
 
     from tests.tiny_qwen2 import make_tiny_qwen2
@@ -170,7 +171,7 @@ def test_padded_vocabulary_shrunk_by_training(tmp_path: Path) -> None:
     model.save_pretrained(base)
     ckpt = make_checkpoint(base, tmp_path / "ckpt")
     adapted, tok = utils.load_model_for_inference(str(ckpt), device="cpu")
-    assert adapted.get_input_embeddings().weight.shape[0] == len(tok) < model.config.vocab_size
+    assert adapted.get_input_embeddings().weight.shape[0] == model.config.vocab_size > len(tok)
     assert merge_params.main(["--model_dir", str(ckpt), "--save_model_dir", str(tmp_path / "merged")]) == 0
     merged, _ = utils.load_model_for_inference(str(tmp_path / "merged"), device="cpu")
     ids = utils.chat_prompt_ids(merged, tok, MESSAGES[0], utils.generation_config_for(merged))
