@@ -328,6 +328,12 @@ class Bench:
             self.rows.append(Row("memory", f"peak RSS, {len(prof['steps'])} training steps, {mode} (train.py's loop; "
                                  "reference: the same process after its imports, before loading the model)",
                                  mib(c.maxrss), mib(runtime)))
+            steps = prof["steps"][self.s.warmup:]
+            if steps:
+                summary = phase_summary(steps)
+                self.rows.append(Row("train", f"{mode}: non-padding tokens/s and padding share over {len(steps)} "
+                                     "steps (train.py's loop, after warm-up)", f"{summary['tok_s']:.0f}",
+                                     pct(summary["pad"])))
         for key, label in (("train_py_rss", "train.py under the launcher (incl. checkpoint save)"),
                            ("trainer_rss", "HF Trainer alternative")):
             if key in self.cache:
