@@ -122,16 +122,8 @@ def bf16_supported(device: Any) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def check_model_dir(path: str) -> None:
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
-        if not any(any(Path(path).glob(pattern)) for pattern in utils.WEIGHT_PATTERNS):
-            raise UserError(f"{path}: no model weights (*.safetensors or pytorch_model*.bin); the download is "
-                            "incomplete: fetch the model again")
-        return
-    raise UserError(
-        f"model folder {path!r} not found or has no config.json. For real weights download "
-        "Baichuan2-7B-Chat (or a Qwen2-architecture chat model) into a folder and pass it; for the "
-        "embedded tiny default run `python -m baichuan.build_default` first")
+TRAIN_MODEL_HINT = ("for real weights download Baichuan2-7B-Chat (or a Qwen2-architecture chat model) into a "
+                    "folder and pass it; for the embedded tiny default run `python -m baichuan.build_default` first")
 
 
 def load_tokenizer(path: str) -> Any:
@@ -423,7 +415,7 @@ def evaluate(engine: Any, dataset: Any, collator: Any, batch_size: int, device: 
 # ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    check_model_dir(args.model_name_or_path)
+    utils.check_model_dir(args.model_name_or_path, TRAIN_MODEL_HINT)
     ds_template = load_ds_config(args.ds_file)  # fail fast on a bad config, before loading a model
     if not os.path.isfile(args.train_path):
         raise UserError(f"train file {args.train_path!r} not found; build it with `python data_helper.py`")

@@ -177,6 +177,12 @@ def _apply_template(tokenizer: Any, messages: Sequence[dict[str, str]], add_gene
     return list(out)
 
 
+def chat_messages(system: str, user: str) -> list[dict[str, str]]:
+    """The messages of one single-turn record: the system turn is kept even when empty, so training
+    and inference (`record_messages`) feed the same prompt."""
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
 def build_training_sample(
     tokenizer: Any,
     system: str,
@@ -192,8 +198,8 @@ def build_training_sample(
     cut to `max_src_len`; then the answer ids and EOS follow, cut so that the whole fits
     `max_len`. Labels are -100 on the prompt and carry the answer and EOS.
     """
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-    full_prompt = build_prompt_ids(tokenizer, messages, max_input_tokens=10**9, generation_config=generation_config)
+    full_prompt = build_prompt_ids(tokenizer, chat_messages(system, user), max_input_tokens=10**9,
+                                   generation_config=generation_config)
     prompt = full_prompt[-max_src_len:]
     answer_ids = _answer_ids(tokenizer, answer, generation_config) + [tokenizer.eos_token_id]
     room = max_len - len(prompt)
@@ -526,10 +532,13 @@ def _read_json_file(path: Path, what: str) -> dict:
     return obj
 
 
-def _check_base_dir(path: str) -> None:
+INFERENCE_MODEL_HINT = ("pass --model_path/--ori_model_dir with a model folder (Baichuan2-7B-Chat, a merged model, "
+                        "or `python -m baichuan.build_default` for the tiny default)")
+
+
+def check_model_dir(path: str, hint: str = INFERENCE_MODEL_HINT) -> None:
+    """A clear UserError unless `path` is a model folder: a folder with config.json and weights."""
     p = Path(path)
-    hint = ("pass --model_path/--ori_model_dir with a model folder (Baichuan2-7B-Chat, a merged model, "
-            "or `python -m baichuan.build_default` for the tiny default)")
     if not p.is_dir():
         raise UserError(f"model folder {path!r} not found; {hint}")
     if not (p / "config.json").is_file():
@@ -576,7 +585,7 @@ def resolve_model_paths(model_path: str, adapter_dir: str | None = None) -> tupl
     if adapter_dir is not None:
         adapter_dir = str(adapter_dir)
         _check_adapter_dir(adapter_dir)
-    _check_base_dir(model_path)
+    check_model_dir(model_path)
     return model_path, adapter_dir
 
 
@@ -795,8 +804,7 @@ def chat_prompt_ids(model: Any, tokenizer: Any, messages: Sequence[dict[str, str
 def record_messages(record: dict) -> list[dict[str, str]]:
     """Chat messages of a data record, exactly as `build_training_sample` builds its prompt:
     system = record["instruction"] (kept even when empty, as training keeps it), user = record["input"]."""
-    return [{"role": "system", "content": record.get("instruction") or ""},
-            {"role": "user", "content": record["input"]}]
+    return chat_messages(record.get("instruction") or "", record["input"])
 
 
 def model_device(model: Any) -> Any:
