@@ -7,7 +7,8 @@ Inputs (all under `data/` by default):
   from `utils.build_system_prompt` (the one training and inference use).
 - The attribute table (`genshin_attributes.json`) and its question/answer templates
   (`attribute_templates.json`): persona-free fact questions about each character; train gets the
-  "train" phrasings, test the "heldout" and "novel" ones, so test phrasings are never trained on.
+  "train" phrasings, test the "heldout", "dev" and "novel" ones; a test phrasing equal to a train
+  phrasing up to punctuation and sentence-final particles is an error (`template_key`).
 
 Each output line is {"instruction", "input", "output", "role", "source", "split", ...}. The same
 inputs and seed give byte-identical files. A summary (counts per role, output lengths, dropped
@@ -42,7 +43,9 @@ KINDS = ("general", "role_specific")
 SOURCES = {"general": "rolebench_general", "role_specific": "rolebench_role_specific"}
 TEMPLATES_PATH = "data/attribute_templates.json"
 TRAIN_TEMPLATE_SETS = ("train",)
-TEST_TEMPLATE_SETS = ("heldout", "novel")
+# heldout: phrasings the base saw for its own characters, never in fine-tuning; dev: new phrasings
+# the recipe was developed against; novel: new phrasings written blind after the recipe was fixed.
+TEST_TEMPLATE_SETS = ("heldout", "dev", "novel")
 ADDRESS_SEP = "，"
 MAX_LISTED = 20  # examples listed per summary section; the counts are always complete
 _PLACEHOLDER = re.compile(r"\{(name|value)\}")
@@ -333,7 +336,7 @@ def _check_templates(templates: Any, attributes: Sequence[str], sets: Sequence[s
         entry = templates.get(attr)
         if not isinstance(entry, dict):
             raise DataError(f"{where}: no templates for attribute {attr!r}; add an entry with "
-                            "train/heldout/novel questions and answers")
+                            "train/heldout/dev/novel questions and answers")
         for key in (*sets, "answer"):
             _check_template_list(entry.get(key, []), attr, key, where)
         if not entry.get("answer"):
@@ -372,10 +375,10 @@ def expand_attributes(
 
     With `per_fact` > 0, each (character, attribute) gets only `per_fact` phrasings drawn (seeded)
     from the "train" pool: a large pool then adds wording variety across characters without
-    multiplying the records. Test sets ("heldout", "novel") always use every phrasing.
+    multiplying the records. Test sets (TEST_TEMPLATE_SETS) always use every phrasing.
 
     `table` is {"attributes": [...], "characters": {name: {attribute: value}}}; `templates` maps
-    attribute -> {"train"|"heldout"|"novel": [questions with {name}], "answer": [answers with
+    attribute -> {"train"|"heldout"|"dev"|"novel": [questions with {name}], "answer": [answers with
     {name} and {value}]}. A character without a value (missing or null) for an attribute gets no
     records for it. The answer template is drawn from an RNG seeded by (seed, character, attribute,
     question), so a record's answer does not change when other characters or sets are added.
@@ -417,7 +420,7 @@ def _fact_records(name: str, attr: str, value: str, entry: dict, sets: Sequence[
 
 def load_attributes(table_path: Path, templates_path: Path, seed: int, report: Report,
                     per_fact: int = 0) -> dict[str, list[dict]]:
-    """split -> attribute records: train phrasings in train, heldout and novel phrasings in test."""
+    """split -> attribute records: train phrasings in train, the TEST_TEMPLATE_SETS phrasings in test."""
     hint = "pass --attributes '' to build without attributes"
     table = _read_json(table_path, "attribute table", f"pass --attributes PATH, or {hint}")
     templates = _read_json(templates_path, "attribute templates file", f"pass --templates PATH, or {hint}")
@@ -435,18 +438,30 @@ def load_attributes(table_path: Path, templates_path: Path, seed: int, report: R
 
 
 def _check_phrasings_disjoint(templates: Any, where: Path) -> None:
-    """A question template in both a train and a test set would make the held-out score meaningless."""
+    """A test question template that is also a train template (up to punctuation, spaces and
+    sentence-final particles) would make the held-out score meaningless."""
     if not isinstance(templates, dict):
         return  # expand_attributes reports the shape
     for attr, entry in templates.items():
         if not isinstance(entry, dict):
             continue
-        train = {t for s in TRAIN_TEMPLATE_SETS for t in _as_list(entry.get(s))}
+        train = {template_key(t): t for s in TRAIN_TEMPLATE_SETS for t in _as_list(entry.get(s))}
         for test_set in TEST_TEMPLATE_SETS:
-            shared = sorted(train.intersection(_as_list(entry.get(test_set))), key=str)
-            if shared:
-                raise DataError(f"{where}: {attr}.{test_set} repeats train question {shared[0]!r}; test phrasings "
-                                "must not be trained on: reword or remove one of them")
+            for t in _as_list(entry.get(test_set)):
+                if template_key(t) in train:
+                    raise DataError(f"{where}: {attr}.{test_set} question {t!r} is train question "
+                                    f"{train[template_key(t)]!r} up to punctuation/particles; test phrasings must "
+                                    "not be trained on: reword or remove one of them")
+
+
+_PUNCTUATION = re.compile(r"[\s\W_]+")
+_TRAILING_PARTICLES = re.compile(r"[呢呀啊吗吧嘛哦呐]+$")
+
+
+def template_key(template: str) -> str:
+    """A question template's wording: punctuation, spaces and sentence-final particles removed."""
+    key = "{name}".join(_PUNCTUATION.sub("", part) for part in template.split("{name}"))
+    return _TRAILING_PARTICLES.sub("", key)
 
 
 def _as_list(value: Any) -> list:

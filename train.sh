@@ -48,7 +48,7 @@ ENV_SET=" $(env | cut -d= -f1 | tr '\n' ' ') "   # variables the caller set (the
 : "${OVERWRITE_OUTPUT_DIR:=0}"    # 1: replace checkpoints of an earlier run in $OUTPUT_DIR
 
 # --- the embedded tiny default, when no real weights are here -------------------------------------
-: "${TINY_MODEL:=output/tiny-baichuan2-chat}"  # where the embedded default is (built if absent)
+: "${TINY_MODEL:=output/tiny-baichuan2-chat}"  # where the embedded default is (built if absent or stale)
 : "${BUILD_ARGS:=}"                             # extra flags for its build, e.g. "--epochs 3"
 # Why these: the tiny base needs ~400 optimizer steps at a high lr to learn 16 new characters; its
 # frozen head cannot produce the new names and facts, so the head (and embeddings) train in full;
@@ -58,7 +58,7 @@ TINY_SETTINGS="OUTPUT_DIR=output/tiny-qlora OVERWRITE_OUTPUT_DIR=1 BATCH_SIZE=16
 if [ ! -f "$MODEL/config.json" ]; then
   echo "train.sh: $MODEL not found (no config.json); training the embedded tiny default $TINY_MODEL with CPU-sized settings"
   MODEL=$TINY_MODEL
-  [ -f "$MODEL/config.json" ] || python -m baichuan.build_default --out "$MODEL" $BUILD_ARGS
+  python -m baichuan.build_default --out "$MODEL" $BUILD_ARGS  # returns at once when up to date
   for kv in $TINY_SETTINGS; do
     case "$ENV_SET" in *" ${kv%%=*} "*) ;; *) eval "$kv" ;; esac
   done

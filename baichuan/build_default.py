@@ -5,6 +5,9 @@ tokenizer_config.json, generation_config.json) plus `build_info.json`.
 
     python -m baichuan.build_default                 # -> output/tiny-baichuan2-chat, ~2 min on 2 cores
 
+A default already in --out is kept when it was built from the same data files and flags
+(`data_fingerprint` in its build_info.json) and rebuilt in place when they changed.
+
 Why it is built like this (see ../shared/docs/findings.md):
 - QLoRA cannot teach a random 4-bit base, so the base is first trained full-parameter on
   general chat data: everyday Q&A, persona replies of made-up personas, and attribute Q&A about
@@ -59,35 +62,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warmup, cosine decay)")
     p.add_argument("--max_len", type=int, default=320, help="max tokens per sample")
     p.add_argument("--seed", type=int, default=1234, help="seed for tokenizer data order, init and batches")
-    p.add_argument("--force", action="store_true", help="rebuild even if --out already holds a model")
+    p.add_argument("--force", action="store_true", help="rebuild even when --out is up to date")
     return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
-def base_records(base_dir: Path, templates_path: Path, seed: int) -> list[dict]:
+def base_records(base_dir: Path, templates: dict, seed: int) -> list[dict]:
     """General corpus + attribute Q&A about the base's own characters (train + heldout phrasings)."""
     from data_helper import TEMPLATES_PER_FACT, expand_attributes
 
     records = [r for _, r in utils.read_jsonl(base_dir / "general_corpus.jsonl")]
     table = json.loads((base_dir / "attributes.json").read_text(encoding="utf-8"))
-    templates = json.loads(templates_path.read_text(encoding="utf-8"))
     records += expand_attributes(table, templates, ["train", "heldout"], seed, per_fact=TEMPLATES_PER_FACT)
     return records
 
 
-def vocabulary_texts(records: list[dict]) -> list[str]:
-    """Text the tokenizer learns its pieces from: base data plus every shipped role file (for
-    coverage only: no weights are trained on role text here)."""
+def vocabulary_texts(records: list[dict], templates: dict) -> list[str]:
+    """Text the tokenizer learns its pieces from: the base data plus the shipped fine-tuning
+    inputs (role train files, profiles, attribute tables, train phrasings and answers), for
+    coverage only: no weights are trained on role text here. Test files and test phrasings are
+    left out, so nothing about the test set shapes the model, not even its pieces."""
+    from data_helper import TRAIN_TEMPLATE_SETS
+
     texts = [r[k] for r in records for k in ("instruction", "input", "output") if r.get(k)]
     data = REPO / utils.DATA_DIR
-    for f in sorted(data.glob("*.jsonl")):
+    for f in sorted(data.glob("*_train.jsonl")):
         for _, r in utils.read_jsonl(f):
             texts += [r.get("question", "")] + list(r.get("generated", []))
-    for f in sorted(data.glob("*.json")):
-        if f.name not in ("train.json", "test.json"):
+    for f in (REPO / utils.PROFILES_PATH, data / "genshin_attributes.json"):
+        if f.is_file():
             texts.append(f.read_text(encoding="utf-8"))
+    for entry in templates.values():
+        for key in (*TRAIN_TEMPLATE_SETS, "answer"):
+            texts += [t for t in entry.get(key, []) if isinstance(t, str)]
     return [t for t in texts if t]
 
 
@@ -204,34 +213,67 @@ def save_model(model: Any, tokenizer_dir: Path, out: Path) -> None:
             (out / f.name).write_bytes(f.read_bytes())
 
 
-def fingerprint(paths: list[Path]) -> str:
+def build_inputs(base_dir: Path, templates: Path) -> list[Path]:
+    """Every file the build reads: a change in any of them makes a built default stale."""
+    data = REPO / utils.DATA_DIR
+    extra = [REPO / utils.PROFILES_PATH, data / "genshin_attributes.json", *sorted(data.glob("*_train.jsonl"))]
+    return [base_dir / "general_corpus.jsonl", base_dir / "attributes.json", templates,
+            *[f for f in extra if f.is_file()]]
+
+
+def fingerprint(paths: list[Path], args: argparse.Namespace) -> str:
+    """Hash of the build's inputs and of the flags that shape the model (not --out/--force)."""
     h = hashlib.sha256()
     for p in paths:
         h.update(p.read_bytes())
+    shaping = {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "force", "base_dir", "templates")}
+    h.update(json.dumps(shaping, sort_keys=True).encode())
     return h.hexdigest()[:16]
+
+
+def up_to_date(out: Path, stamp: str) -> bool:
+    """True when `out` holds a default built from the same inputs; False when there is nothing or a
+    stale default there (rebuilt in place). Refuses to replace a folder this script did not build."""
+    if not (out / "config.json").is_file():
+        return False
+    try:
+        info = json.loads((out / "build_info.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        info = None
+    if not isinstance(info, dict) or info.get("built_by") != "python -m baichuan.build_default":
+        raise UserError(f"{out} holds a model that build_default did not build (no build_info.json); "
+                        "pass another --out, or move that folder away")
+    if info.get("data_fingerprint") == stamp:
+        return True
+    print(f"{out}: built from other data or flags (fingerprint {info.get('data_fingerprint')} != {stamp}); "
+          "rebuilding", flush=True)
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
-    if (out / "config.json").is_file() and not args.force:
-        print(f"{out} already holds a model (use --force to rebuild)")
-        return 0
     base_dir, templates = Path(args.base_dir), Path(args.templates)
     for f in (base_dir / "general_corpus.jsonl", base_dir / "attributes.json", templates):
         if not f.is_file():
             raise UserError(f"{f}: missing; the embedded default is built from the shipped data in data/")
+    stamp = fingerprint(build_inputs(base_dir, templates), args)
+    if not args.force and up_to_date(out, stamp):
+        print(f"{out} is up to date with the shipped data (use --force to rebuild anyway)")
+        return 0
 
     import torch
 
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
-    records = base_records(base_dir, templates, args.seed)
+    templates_json = json.loads(templates.read_text(encoding="utf-8"))
+    records = base_records(base_dir, templates_json, args.seed)
     print(f"[1/3] base data: {len(records)} records from {base_dir} (+ attribute templates)", flush=True)
     with utils.atomic_path(out) as tmp_out:
         tmp_out.mkdir()
         tok_dir = tmp_out / "_tokenizer"
-        tokenizer = train_tokenizer(vocabulary_texts(records), character_names(), tok_dir, args.merges, args.seed)
+        tokenizer = train_tokenizer(vocabulary_texts(records, templates_json), character_names(), tok_dir,
+                                    args.merges, args.seed)
         print(f"[2/3] tokenizer: {tokenizer.vocab_size} pieces ({time.perf_counter() - t0:.0f}s)", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             data_path = Path(tmp) / "base.jsonl"
@@ -251,8 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             "built_by": "python -m baichuan.build_default", "args": vars(args), "params": n_params,
             "vocab_size": tokenizer.vocab_size, "base_samples": len(dataset), "tokens_per_epoch": n_tokens,
             "epoch_losses": [round(v, 4) for v in losses], "seconds": round(time.perf_counter() - t0, 1),
-            "data_fingerprint": fingerprint([base_dir / "general_corpus.jsonl", base_dir / "attributes.json",
-                                             templates]),
+            "data_fingerprint": stamp,
             "torch": torch.__version__})
     print(f"built {out} in {time.perf_counter() - t0:.0f}s (final base loss {losses[-1]:.3f})")
     return 0

@@ -327,6 +327,38 @@ def test_a_test_phrasing_also_in_train_is_an_error(tmp_path, capsys):
     assert str(paths["templates"]) in err and "元素力.novel" in err and "{name}用什么元素？" in err
 
 
+@pytest.mark.parametrize("test_phrasing", ["{name}用什么元素呢？", "{name} 用什么元素", "{name}，用什么元素吗"])
+def test_a_test_phrasing_equal_to_train_up_to_punctuation_is_an_error(tmp_path, capsys, test_phrasing):
+    paths = make_inputs(tmp_path)
+    leaky = {**TEMPLATES, "元素力": {**TEMPLATES["元素力"], "train": ["{name}用什么元素？"], "dev": [test_phrasing]}}
+    paths["templates"].write_text(json.dumps(leaky, ensure_ascii=False), encoding="utf-8")
+    assert data_helper.main(argv(paths)) == 2
+    err = capsys.readouterr().err
+    assert "元素力.dev" in err and test_phrasing in err and "{name}用什么元素？" in err
+
+
+@pytest.mark.parametrize("a, b, same", [
+    ("{name}用什么元素？", "{name}用什么元素呀", True),
+    ("请问：{name} 是男是女", "请问{name}是男是女？", True),
+    ("{name}用什么元素", "{name}用什么元素力", False),   # a word differs
+    ("{name}是男是女", "是男是女{name}", False),          # the name moved
+    ("{name}吗是男的", "{name}是男的", False),            # only sentence-final particles go
+])
+def test_template_key_ignores_only_punctuation_and_final_particles(a, b, same):
+    assert (data_helper.template_key(a) == data_helper.template_key(b)) is same
+
+
+def test_shipped_test_phrasings_share_no_template_with_training():
+    """The shipped templates: no heldout/dev/novel phrasing is a train phrasing in other clothes,
+    and the test file carries every test set."""
+    templates = json.loads((Path(data_helper.__file__).parent / data_helper.TEMPLATES_PATH).read_text("utf-8"))
+    for attr, entry in templates.items():
+        train = {data_helper.template_key(t) for t in entry["train"]}
+        for test_set in data_helper.TEST_TEMPLATE_SETS:
+            assert entry[test_set], (attr, test_set)
+            assert not train & {data_helper.template_key(t) for t in entry[test_set]}, (attr, test_set)
+
+
 def test_placeholders_are_filled_in_one_pass():
     table = {"attributes": ["性别"], "characters": {"{value}": {"性别": "{name}"}}}
     templates = {"性别": {"train": ["{name}？"], "answer": ["{name}={value}"]}}

@@ -3,7 +3,7 @@
 train.sh builds the tiny base (fewer epochs here), trains it with QLoRA under the deepspeed
 launcher with the recipe's own tiny settings, merges the newest checkpoint and scores the untuned
 base and the merged model. The test checks that fine-tuning clearly raises the fact accuracy on
-held-out and novel phrasings over the base. Everything goes to a temp folder.
+held-out, dev and novel phrasings over the base. Everything goes to a temp folder.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from data_helper import TEST_TEMPLATE_SETS
 
 REPO = Path(__file__).resolve().parent.parent
 MIN_GAIN = 0.30  # absolute fact-accuracy gain the fine-tuned model must show over the base
@@ -26,10 +28,10 @@ def free_port() -> int:
 
 
 def attribute_slice(test_path: Path, out: Path, per_set: int) -> int:
-    """`per_set` heldout and `per_set` novel attribute records, spread over every character."""
+    """`per_set` attribute records of each test phrasing set, spread over every character."""
     records = [json.loads(line) for line in test_path.read_text(encoding="utf-8").splitlines()]
     chosen = []
-    for template_set in ("heldout", "novel"):
+    for template_set in TEST_TEMPLATE_SETS:
         pool = [r for r in records if r.get("source") == "attribute" and r["template_set"] == template_set]
         chosen += pool[:: max(1, len(pool) // per_set)][:per_set]
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen), encoding="utf-8")
@@ -46,7 +48,7 @@ def test_train_sh_chain_teaches_facts(tmp_path: Path) -> None:
                            capture_output=True, text=True, check=False)
     assert build.returncode == 0, build.stderr
     test_slice = tmp_path / "attr_test.json"
-    n = attribute_slice(data / "test.json", test_slice, per_set=40)
+    n = attribute_slice(data / "test.json", test_slice, per_set=30)
     env = dict(os.environ, MODEL=str(tmp_path / "no-real-weights"), TINY_MODEL=str(tmp_path / "base"),
                BUILD_ARGS="--epochs 4", OUTPUT_DIR=str(run_dir), TRAIN_PATH=str(data / "train.json"),
                TEST_PATH=str(test_slice), EPOCHS="2", PLOT_TO_IMAGES="0", MASTER_PORT=str(free_port()),
@@ -59,5 +61,5 @@ def test_train_sh_chain_teaches_facts(tmp_path: Path) -> None:
     assert "python web_demo.py --model_path" in proc.stdout
     base_acc = fact_accuracy(run_dir / "preds_base.metrics.json")
     tuned_acc = fact_accuracy(run_dir / "preds_finetuned.metrics.json")
-    print(f"fact accuracy on {n} held-out/novel phrasings: base {base_acc:.2%} -> fine-tuned {tuned_acc:.2%}")
+    print(f"fact accuracy on {n} test phrasings: base {base_acc:.2%} -> fine-tuned {tuned_acc:.2%}")
     assert tuned_acc >= base_acc + MIN_GAIN, (base_acc, tuned_acc)
