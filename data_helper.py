@@ -299,19 +299,6 @@ def load_rolebench(files: dict[tuple[str, str], Path], roles: RoleFilter, strip:
 # ---------------------------------------------------------------------------------------------
 # Attributes
 # ---------------------------------------------------------------------------------------------
-def _read_json(path: Path, what: str, hint: str) -> Any:
-    if not path.is_file():
-        raise DataError(f"{path}: {what} not found; {hint}")
-    try:
-        return json.loads(path.read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8") from e
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}); fix the file") from e
-    except (ValueError, RecursionError) as e:  # huge integers, absurd nesting
-        raise DataError(f"{path}: unreadable JSON ({type(e).__name__}); fix the file") from e
-
-
 def _check_table(table: Any, where: str) -> tuple[list[str], dict[str, dict]]:
     if not isinstance(table, dict) or not isinstance(table.get("attributes"), list) \
             or not isinstance(table.get("characters"), dict):
@@ -422,8 +409,8 @@ def load_attributes(table_path: Path, templates_path: Path, seed: int, report: R
                     per_fact: int = 0) -> dict[str, list[dict]]:
     """split -> attribute records: train phrasings in train, the TEST_TEMPLATE_SETS phrasings in test."""
     hint = "pass --attributes '' to build without attributes"
-    table = _read_json(table_path, "attribute table", f"pass --attributes PATH, or {hint}")
-    templates = _read_json(templates_path, "attribute templates file", f"pass --templates PATH, or {hint}")
+    table = utils.read_json(table_path, "attribute table", f"pass --attributes PATH, or {hint}")
+    templates = utils.read_json(templates_path, "attribute templates file", f"pass --templates PATH, or {hint}")
     out, counts = {}, []
     _check_phrasings_disjoint(templates, templates_path)
     for split, sets in (("train", TRAIN_TEMPLATE_SETS), ("test", TEST_TEMPLATE_SETS)):

@@ -98,10 +98,8 @@ def resolve_dtype_name(choice: str, base_dir: str) -> str:
     """auto -> the base config's stored dtype (fp32 when unknown)."""
     if choice != "auto":
         return choice
-    try:
-        config = json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{base_dir}/config.json does not parse ({e}); re-download the base model") from e
+    config = utils.read_json_object(Path(base_dir) / "config.json", "model config", "re-download the base model",
+                                    UserError)
     stored = str(config.get("dtype") or config.get("torch_dtype") or "float32")
     return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(stored, "fp32")
 

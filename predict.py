@@ -26,7 +26,6 @@ even when empty, as train.py keeps it), user = record["input"], through utils.bu
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections import defaultdict
@@ -355,7 +354,8 @@ def run_batch(args: argparse.Namespace, model: Any, tokenizer: Any, items: list[
     print(format_metrics(metrics))
     print(f"predictions: {args.output_path}\nmetrics: {metrics_path_for(args.output_path)}")
     if args.baseline_metrics:
-        baseline = json.loads(Path(args.baseline_metrics).read_text(encoding="utf-8"))
+        baseline = getattr(args, "baseline", None) or utils.read_json_object(
+            args.baseline_metrics, "--baseline_metrics file", "run predict.py on the baseline model first", UserError)
         print(f"\nbaseline: {baseline.get('model', {}).get('model_path', args.baseline_metrics)}  "
               f"vs  this model: {args.model_path}")
         print(format_comparison(baseline, metrics))
@@ -440,9 +440,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.output_path:
             raise UserError("--test_path needs --output_path (where the predictions go)")
         items = load_test_records(args.test_path, args.limit)
-        if args.baseline_metrics and not Path(args.baseline_metrics).is_file():
-            raise UserError(f"--baseline_metrics {args.baseline_metrics}: file not found; run predict.py on the "
-                            "baseline model first")
+        if args.baseline_metrics:
+            args.baseline = utils.read_json_object(args.baseline_metrics, "--baseline_metrics file",
+                                                   "run predict.py on the baseline model first", UserError)
         extra_roles: list[str] = []
         desc = args.desc_path or (utils.PROFILES_PATH if Path(utils.PROFILES_PATH).is_file() else None)
         if desc:

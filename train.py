@@ -214,16 +214,8 @@ def count_params(model: Any, trainable: bool) -> int:
 
 
 def load_ds_config(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise UserError(f"DeepSpeed config {path!r} not found; pass --ds_file ds_zero2_no_offload.json")
-    try:
-        ds = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"DeepSpeed config {path}: does not parse ({e}); fix the JSON") from e
-    if not isinstance(ds, dict):
-        raise UserError(f"DeepSpeed config {path}: must be a JSON object, got {type(ds).__name__}; "
-                        "start from ds_zero2_no_offload.json")
-    return ds
+    return utils.read_json_object(path, "DeepSpeed config", "start from ds_zero2_no_offload.json (--ds_file)",
+                                  UserError)
 
 
 def resolve_ds_config(ds: dict, path: str, values: dict[str, Any]) -> dict:

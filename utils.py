@@ -72,20 +72,36 @@ def run_main(main_fn: Any, argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def load_profiles(path: str | os.PathLike = PROFILES_PATH) -> dict[str, str]:
-    """Read a role -> description JSON object. Raises DataError naming the file on bad input."""
+def read_json(path: str | os.PathLike, what: str, hint: str, error: type[UserError] = DataError) -> Any:
+    """Parse a UTF-8 JSON file (a BOM is fine). Every problem is one `error` that names the file
+    (and the line), what the file is, and what to do: the one JSON reader of every script."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: profiles file not found; pass a JSON "
-                        "object mapping role name to description")
+        raise error(f"{path}: {what} not found; {hint}")
     try:
-        profiles = json.loads(path.read_text(encoding="utf-8-sig"))
+        return json.loads(path.read_bytes().decode("utf-8-sig"))
+    except OSError as e:
+        raise error(f"{path}: {what} cannot be read ({e.strerror}); {hint}") from e
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8") from e
+        raise error(f"{path}: {what} is not UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8") from e
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
-    except (ValueError, RecursionError) as e:
-        raise DataError(f"{path}: unreadable JSON ({type(e).__name__})") from e
+        raise error(f"{path}:{e.lineno}: {what} is malformed JSON ({e.msg} at column {e.colno}); fix the file") from e
+    except (ValueError, RecursionError) as e:  # huge integers, absurd nesting
+        raise error(f"{path}: {what} is unreadable JSON ({type(e).__name__}); fix the file") from e
+
+
+def read_json_object(path: str | os.PathLike, what: str, hint: str, error: type[UserError] = DataError) -> dict:
+    """`read_json` for files that must hold a JSON object."""
+    obj = read_json(path, what, hint, error)
+    if not isinstance(obj, dict):
+        raise error(f"{path}: {what} must be a JSON object, got {type(obj).__name__}; {hint}")
+    return obj
+
+
+def load_profiles(path: str | os.PathLike = PROFILES_PATH) -> dict[str, str]:
+    """Read a role -> description JSON object. Raises DataError naming the file on bad input."""
+    hint = "pass a JSON object mapping role name to description"
+    profiles = read_json(path, "profiles file", hint)
     if not isinstance(profiles, dict) or not profiles:
         raise DataError(f"{path}: expected a non-empty JSON object mapping role name to description")
     for role, desc in profiles.items():
@@ -522,16 +538,7 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / ADAPTER_CONFIG_NAME).is_file()
 
 
-def _read_json_file(path: Path, what: str) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: {what} does not parse ({e}); re-create it (re-run the step that wrote it)") from e
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: {what} must be a JSON object")
-    return obj
-
-
+RERUN_HINT = "re-create it (re-run the step that wrote it)"
 INFERENCE_MODEL_HINT = ("pass --model_path/--ori_model_dir with a model folder (Baichuan2-7B-Chat, a merged model, "
                         "or `python -m baichuan.build_default` for the tiny default)")
 
@@ -574,9 +581,10 @@ def resolve_model_paths(model_path: str, adapter_dir: str | None = None) -> tupl
         run_config = Path(model_path) / RUN_CONFIG_NAME
         base = None
         if run_config.is_file():
-            base = _read_json_file(run_config, "run config").get("base_model")
+            base = read_json_object(run_config, "run config", RERUN_HINT, UserError).get("base_model")
         if not base:
-            base = _read_json_file(Path(model_path) / ADAPTER_CONFIG_NAME, "adapter config").get(
+            base = read_json_object(Path(model_path) / ADAPTER_CONFIG_NAME, "adapter config", RERUN_HINT,
+                                    UserError).get(
                 "base_model_name_or_path")
         if not base:
             raise UserError(f"{model_path}: checkpoint names no base model (run_config.json base_model); "

@@ -74,7 +74,7 @@ def base_records(base_dir: Path, templates: dict, seed: int) -> list[dict]:
     from data_helper import TEMPLATES_PER_FACT, expand_attributes
 
     records = [r for _, r in utils.read_jsonl(base_dir / "general_corpus.jsonl")]
-    table = json.loads((base_dir / "attributes.json").read_text(encoding="utf-8"))
+    table = utils.read_json_object(base_dir / "attributes.json", "base attribute table", "restore it from git")
     records += expand_attributes(table, templates, ["train", "heldout"], seed, per_fact=TEMPLATES_PER_FACT)
     return records
 
@@ -109,7 +109,7 @@ def character_names() -> list[str]:
         names |= set(utils.load_profiles(profiles))
     for table in (data / "genshin_attributes.json", data / "base" / "attributes.json"):
         if table.is_file():
-            names |= set(json.loads(table.read_text(encoding="utf-8"))["characters"])
+            names |= set(utils.read_json_object(table, "attribute table", "fix the table").get("characters", {}))
     return sorted(names, key=lambda n: (-len(n), n))
 
 
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
-    templates_json = json.loads(templates.read_text(encoding="utf-8"))
+    templates_json = utils.read_json_object(templates, "attribute templates", "restore it from git")
     records = base_records(base_dir, templates_json, args.seed)
     print(f"[1/3] base data: {len(records)} records from {base_dir} (+ attribute templates)", flush=True)
     with utils.atomic_path(out) as tmp_out:
