@@ -144,7 +144,7 @@ def _merge(tmp: Path, model: Path, case: str) -> Cell:
     ckpt.mkdir()
     (ckpt / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}), encoding="utf-8")
     (ckpt / "adapter_model.safetensors").write_bytes(b"\0" * 16)  # never read: every case fails earlier
-    needle = {"empty_adapter_config": "does not parse", "adapter_config_not_utf8": "does not parse",
+    needle = {"empty_adapter_config": "malformed JSON", "adapter_config_not_utf8": "not UTF-8",
               "adapter_config_wrong_type": "must be a JSON object", "no_adapter_weights": "adapter weights",
               "base_no_config": "no config.json", "base_no_weights": "no model weights",
               "base_no_tokenizer": "tokenizer does not load"}[case]
@@ -167,9 +167,16 @@ def _predict(tmp: Path, model: Path, case: str) -> Cell:
     needle = {"empty_test": "no test records", "wrong_type": f"{test}:1: field 'input'",
               "empty_profiles": "malformed JSON", "profiles_not_utf8": "not UTF-8",
               "profiles_wrong_type": "expected a non-empty JSON object", "no_config": "no config.json",
-              "no_weights": "no model weights", "no_tokenizer": "tokenizer does not load"}[case]
+              "no_weights": "no model weights", "no_tokenizer": "tokenizer does not load",
+              "missing_baseline": "--baseline_metrics file not found",
+              "baseline_wrong_type": "--baseline_metrics file must be a JSON object"}[case]
     if case == "empty_test":
         test.write_text("", encoding="utf-8")
+    elif case in ("missing_baseline", "baseline_wrong_type"):
+        baseline = tmp / "base.metrics.json"
+        if case == "baseline_wrong_type":
+            baseline.write_text("[]", encoding="utf-8")
+        argv += ["--baseline_metrics", baseline]
     elif case == "wrong_type":
         jsonl(test, {"instruction": "", "input": ["你好"]})
     elif case.startswith("profiles") or case == "empty_profiles":
@@ -220,7 +227,8 @@ MATRIX = [
                                      "no_adapter_weights", "base_no_config", "base_no_weights", "base_no_tokenizer")
 ] + [
     ("predict.py", c) for c in ("empty_test", "wrong_type", "empty_profiles", "profiles_not_utf8",
-                                "profiles_wrong_type", "no_config", "no_weights", "no_tokenizer")
+                                "profiles_wrong_type", "no_config", "no_weights", "no_tokenizer", "missing_baseline",
+                                "baseline_wrong_type")
 ] + [
     ("web_demo.py", c) for c in ("missing_profiles", "empty_profiles", "profiles_not_utf8", "profiles_wrong_type",
                                  "profile_value_wrong_type", "input_cap_zero", "no_config", "no_weights",

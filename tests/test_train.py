@@ -403,7 +403,7 @@ def _error_case(case: str, work: dict, tmp: Path) -> tuple[list, dict, str]:
     if case == "bad_ds_json":
         (tmp / "bad.json").write_text('{"bf16": {"enabled": true},', encoding="utf-8")
         setarg("--ds_file", tmp / "bad.json")
-        return args, env, "does not parse"
+        return args, env, "bad.json:1: DeepSpeed config is malformed JSON"
     if case == "ds_contradicts_flag":
         setarg("--ds_file", ds_config_file(tmp, gradient_accumulation_steps=8, bf16__enabled=False))
         return args, env, "gradient_accumulation_steps is 8"
