@@ -18,6 +18,8 @@ Batch (one reply per test record, greedy by default, then metrics):
     overall, over attribute records (source "attribute");
   - out-of-character rate over RoleBench records: replies that claim to be an AI / language model /
     assistant, or call themselves by another role's name ("我是李白" from 孙悟空);
+  - fact-answer leak rate over RoleBench records: replies that reuse the attribute answers' wording
+    ("…的身份是…") or name an attribute character other than the role (when the file has both);
   - generated tokens per second.
 Record prompts are built exactly as training built them: system = record["instruction"] (kept
 even when empty, as train.py keeps it), user = record["input"], through utils.build_prompt_ids.
@@ -162,6 +164,34 @@ def out_of_character(reply: str, role: str, roles: Iterable[str]) -> str | None:
     return None
 
 
+def fact_answer_phrases(records: Iterable[dict]) -> tuple[set[str], set[str]]:
+    """(answer phrases, character names) of the attribute records: the phrases are the answers'
+    wording around the name and the fact ("的性别是", "的身份是"…; 3+ characters), so a role reply
+    that reuses them is answering a fact question nobody asked."""
+    phrases, names = set(), set()
+    for r in records:
+        if not is_attribute(r) or not isinstance(r.get("output"), str):
+            continue
+        names.add(str(r.get("role", "")))
+        pieces = [r["output"]]
+        for cut in (str(r.get("role", "")), r["fact"]):
+            pieces = [part for piece in pieces for part in (piece.split(cut) if cut else [piece])]
+        phrases |= {w for w in (re.sub(r"[\W_]+", "", piece) for piece in pieces) if len(w) >= 3}
+    return phrases, names - {""}
+
+
+def leaks_fact_answer(reply: str, role: str, phrases: set[str], names: set[str]) -> str | None:
+    """Why a role reply looks like a stray attribute answer, or None: it uses an answer phrase, or
+    names an attribute character other than the role."""
+    for phrase in sorted(phrases):
+        if phrase in reply:
+            return f"answer phrase {phrase!r}"
+    for name in sorted(names, key=len, reverse=True):
+        if name not in role and role not in name and name in reply:
+            return f"names {name!r}"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Test records and metrics
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +246,9 @@ def compute_metrics(records: Sequence[dict], predictions: Sequence[str], roles: 
     rouge: dict[str, list[float]] = defaultdict(list)
     rouge_source: dict[str, list[float]] = defaultdict(list)
     ooc: dict[str, list[bool]] = defaultdict(list)
+    leaks: list[bool] = []
+    leak_examples = []
+    phrases, fact_names = fact_answer_phrases(records)
     examples = []
     attr: dict[str, list[bool]] = defaultdict(list)
     tset: dict[str, list[bool]] = defaultdict(list)
@@ -230,6 +263,10 @@ def compute_metrics(records: Sequence[dict], predictions: Sequence[str], roles: 
             ooc[role].append(reason is not None)
             if reason and len(examples) < max_examples:
                 examples.append({"role": role, "input": record["input"], "prediction": pred, "reason": reason})
+            leak = leaks_fact_answer(pred, role, phrases, fact_names)
+            leaks.append(leak is not None)
+            if leak and len(leak_examples) < max_examples:
+                leak_examples.append({"role": role, "input": record["input"], "prediction": pred, "reason": leak})
         elif is_attribute(record):
             hit = record["fact"] in pred
             attr[record["attribute"]].append(hit)
@@ -250,6 +287,8 @@ def compute_metrics(records: Sequence[dict], predictions: Sequence[str], roles: 
                              "per_role": {k: {"rate": sum(v) / len(v), "flagged": sum(v), "n": len(v)}
                                           for k, v in sorted(ooc.items())},
                              "examples": examples},
+        "fact_answer_leak": {"rate": sum(leaks) / len(leaks) if leaks and phrases | fact_names else None,
+                             "flagged": sum(leaks), "n": len(leaks), "examples": leak_examples},
     }
     if stats is not None:
         seconds = stats.get("seconds", 0.0)
@@ -277,6 +316,11 @@ def format_metrics(m: dict[str, Any]) -> str:
     o = m["out_of_character"]
     lines.append(f"out-of-character rate (RoleBench): {num(o['rate'], '.2%')} ({o['flagged']}/{o['n']})")
     lines += [f"  e.g. [{e['role']}] {e['reason']}" for e in o["examples"][:3]]
+    leak = m.get("fact_answer_leak")
+    if leak and leak["rate"] is not None:
+        lines.append(f"fact-answer leak rate (RoleBench replies that answer an attribute question nobody asked): "
+                     f"{num(leak['rate'], '.2%')} ({leak['flagged']}/{leak['n']})")
+        lines += [f"  e.g. [{e['role']}] {e['reason']}: {e['prediction'][:40]!r}" for e in leak["examples"][:3]]
     if "generation" in m:
         g = m["generation"]
         lines.append(f"generation: {g['generated_tokens']} tokens in {g['seconds']:.1f}s = "
@@ -285,13 +329,15 @@ def format_metrics(m: dict[str, Any]) -> str:
 
 
 def headline(m: dict[str, Any]) -> dict[str, float | None]:
-    """The figures a comparison shows: fact accuracy per template set, ROUGE-L per role, OOC rate."""
+    """The figures a comparison shows: fact accuracy per template set, ROUGE-L per role, OOC and leak rates."""
     a = m["attribute_accuracy"]
     rows = {"fact accuracy (all attribute tests)": a["overall"]["accuracy"]}
     rows |= {f"fact accuracy ({k} phrasings)": v["accuracy"] for k, v in a["per_template_set"].items()}
     rows["ROUGE-L (all roles)"] = m["rouge_l"]["overall"]
     rows |= {f"ROUGE-L {k}": v["mean"] for k, v in m["rouge_l"]["per_role"].items()}
     rows["out-of-character rate"] = m["out_of_character"]["rate"]
+    if m.get("fact_answer_leak", {}).get("rate") is not None:
+        rows["fact-answer leak rate"] = m["fact_answer_leak"]["rate"]
     if m.get("generation"):
         rows["generated tokens/s"] = m["generation"]["tokens_per_s"]
     return rows

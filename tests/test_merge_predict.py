@@ -411,6 +411,26 @@ def test_compute_metrics_hand_values() -> None:
     assert m["generation"]["tokens_per_s"] == 15.0
 
 
+def test_fact_answer_leak_rate() -> None:
+    """Role replies that reuse the attribute answers' wording or name an attribute character count as
+    leaks; the answer phrases come from the test file's own attribute records."""
+    records = [
+        {"role": "刻晴", "source": "attribute", "attribute": "身份", "fact": "璃月七星玉衡",
+         "template_set": "heldout", "input": "q", "output": "刻晴的身份是璃月七星玉衡。"},
+        {"role": "钟离", "source": "attribute", "attribute": "性别", "fact": "男",
+         "template_set": "heldout", "input": "q", "output": "钟离是男性角色。"},
+        *[{"role": "孙悟空", "source": "rolebench_general", "input": "q", "output": "俺老孙来也"}] * 4,
+    ]
+    assert predict.fact_answer_phrases(records) == ({"的身份是", "性角色"}, {"刻晴", "钟离"})
+    preds = ["刻晴的身份是璃月七星玉衡。", "钟离是男性角色。",
+             "俺老孙的身份是齐天大圣！", "俺老孙去找钟离喝茶", "俺老孙来也", "身份？俺老孙不稀罕"]
+    leak = predict.compute_metrics(records, preds, ["孙悟空"])["fact_answer_leak"]
+    assert (leak["flagged"], leak["n"]) == (2, 4) and leak["rate"] == 0.5
+    assert [e["reason"] for e in leak["examples"]] == ["answer phrase '的身份是'", "names '钟离'"]
+    # no attribute records: nothing to leak, no figure
+    assert predict.compute_metrics(records[2:], preds[2:], ["孙悟空"])["fact_answer_leak"]["rate"] is None
+
+
 # ---------------------------------------------------------------------------------------------
 # predict.py: batch and interactive modes
 # ---------------------------------------------------------------------------------------------
