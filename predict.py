@@ -372,8 +372,9 @@ def generation_overrides(args: argparse.Namespace, batch: bool) -> dict[str, Any
 
 
 def run_batch(args: argparse.Namespace, model: Any, tokenizer: Any, items: list[tuple[int, dict]],
-              extra_roles: Iterable[str]) -> dict[str, Any]:
-    """Generate a reply for every record (longest prompts first, in batches), write predictions and metrics."""
+              extra_roles: Iterable[str], baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Generate a reply for every record (longest prompts first, in batches), write predictions and
+    metrics; with `baseline` (another run's metrics), also print the two side by side."""
     from tqdm import tqdm
 
     config = utils.generation_config_for(model, **generation_overrides(args, batch=True))
@@ -399,9 +400,7 @@ def run_batch(args: argparse.Namespace, model: Any, tokenizer: Any, items: list[
     utils.write_json(metrics_path_for(args.output_path), metrics)
     print(format_metrics(metrics))
     print(f"predictions: {args.output_path}\nmetrics: {metrics_path_for(args.output_path)}")
-    if args.baseline_metrics:
-        baseline = getattr(args, "baseline", None) or utils.read_json_object(
-            args.baseline_metrics, "--baseline_metrics file", "run predict.py on the baseline model first", UserError)
+    if baseline is not None:
         print(f"\nbaseline: {baseline.get('model', {}).get('model_path', args.baseline_metrics)}  "
               f"vs  this model: {args.model_path}")
         print(format_comparison(baseline, metrics))
@@ -486,9 +485,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.output_path:
             raise UserError("--test_path needs --output_path (where the predictions go)")
         items = load_test_records(args.test_path, args.limit)
+        baseline = None
         if args.baseline_metrics:
-            args.baseline = utils.read_json_object(args.baseline_metrics, "--baseline_metrics file",
-                                                   "run predict.py on the baseline model first", UserError)
+            baseline = utils.read_json_object(args.baseline_metrics, "--baseline_metrics file",
+                                              "run predict.py on the baseline model first", UserError)
         extra_roles: list[str] = []
         desc = args.desc_path or (utils.PROFILES_PATH if Path(utils.PROFILES_PATH).is_file() else None)
         if desc:
@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     if batch:
-        run_batch(args, model, tokenizer, items, extra_roles)
+        run_batch(args, model, tokenizer, items, extra_roles, baseline)
         return 0
     return run_interactive(args, model, tokenizer, profiles)
 

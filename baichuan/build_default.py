@@ -79,6 +79,14 @@ def base_records(base_dir: Path, templates: dict, seed: int) -> list[dict]:
     return records
 
 
+def fine_tuning_inputs() -> list[Path]:
+    """The shipped fine-tuning inputs whose text the tokenizer covers: the role train files, the
+    profiles and the attribute table (the templates come separately, train phrasings only)."""
+    data = REPO / utils.DATA_DIR
+    files = [*sorted(data.glob("*_train.jsonl")), REPO / utils.PROFILES_PATH, data / "genshin_attributes.json"]
+    return [f for f in files if f.is_file()]
+
+
 def vocabulary_texts(records: list[dict], templates: dict) -> list[str]:
     """Text the tokenizer learns its pieces from: the base data plus the shipped fine-tuning
     inputs (role train files, profiles, attribute tables, train phrasings and answers), for
@@ -87,12 +95,11 @@ def vocabulary_texts(records: list[dict], templates: dict) -> list[str]:
     from data_helper import TRAIN_TEMPLATE_SETS
 
     texts = [r[k] for r in records for k in ("instruction", "input", "output") if r.get(k)]
-    data = REPO / utils.DATA_DIR
-    for f in sorted(data.glob("*_train.jsonl")):
-        for _, r in utils.read_jsonl(f):
-            texts += [r.get("question", "")] + list(r.get("generated", []))
-    for f in (REPO / utils.PROFILES_PATH, data / "genshin_attributes.json"):
-        if f.is_file():
+    for f in fine_tuning_inputs():
+        if f.suffix == ".jsonl":
+            for _, r in utils.read_jsonl(f):
+                texts += [r.get("question", "")] + list(r.get("generated", []))
+        else:
             texts.append(f.read_text(encoding="utf-8"))
     for entry in templates.values():
         for key in (*TRAIN_TEMPLATE_SETS, "answer"):
@@ -215,10 +222,7 @@ def save_model(model: Any, tokenizer_dir: Path, out: Path) -> None:
 
 def build_inputs(base_dir: Path, templates: Path) -> list[Path]:
     """Every file the build reads: a change in any of them makes a built default stale."""
-    data = REPO / utils.DATA_DIR
-    extra = [REPO / utils.PROFILES_PATH, data / "genshin_attributes.json", *sorted(data.glob("*_train.jsonl"))]
-    return [base_dir / "general_corpus.jsonl", base_dir / "attributes.json", templates,
-            *[f for f in extra if f.is_file()]]
+    return [base_dir / "general_corpus.jsonl", base_dir / "attributes.json", templates, *fine_tuning_inputs()]
 
 
 def fingerprint(paths: list[Path], args: argparse.Namespace) -> str:

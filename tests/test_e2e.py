@@ -31,6 +31,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def build_data(tmp_path: Path) -> Path:
+    """data_helper.py's train.json and test.json from the shipped data, in tmp_path/data."""
+    data = tmp_path / "data"
+    build = subprocess.run([sys.executable, "data_helper.py", "--output_dir", str(data)], cwd=REPO,
+                           capture_output=True, text=True, check=False)
+    assert build.returncode == 0, build.stderr
+    return data
+
+
 def attribute_slice(test_path: Path, out: Path, per_set: int) -> int:
     """`per_set` attribute records of each test phrasing set, spread over every character."""
     records = [json.loads(line) for line in test_path.read_text(encoding="utf-8").splitlines()]
@@ -47,10 +56,7 @@ def fact_accuracy(metrics_path: Path) -> float:
 
 
 def test_train_sh_chain_teaches_facts(tmp_path: Path) -> None:
-    data, run_dir = tmp_path / "data", tmp_path / "run"
-    build = subprocess.run([sys.executable, "data_helper.py", "--output_dir", str(data)], cwd=REPO,
-                           capture_output=True, text=True, check=False)
-    assert build.returncode == 0, build.stderr
+    data, run_dir = build_data(tmp_path), tmp_path / "run"
     test_slice = tmp_path / "attr_test.json"
     n = attribute_slice(data / "test.json", test_slice, per_set=30)
     env = dict(os.environ, MODEL=str(tmp_path / "no-real-weights"), TINY_MODEL=str(tmp_path / "base"),
@@ -71,10 +77,7 @@ def test_train_sh_chain_teaches_facts(tmp_path: Path) -> None:
 
 def small_data(tmp_path: Path, n_train: int, n_test: int) -> tuple[Path, Path]:
     """The shipped data, cut to `n_train` training and `n_test` attribute test records."""
-    data = tmp_path / "data"
-    build = subprocess.run([sys.executable, "data_helper.py", "--output_dir", str(data)], cwd=REPO,
-                           capture_output=True, text=True, check=False)
-    assert build.returncode == 0, build.stderr
+    data = build_data(tmp_path)
     train_lines = (data / "train.json").read_text(encoding="utf-8").splitlines()[:n_train]
     (data / "train_small.json").write_text("\n".join(train_lines) + "\n", encoding="utf-8")
     attribute_slice(data / "test.json", data / "test_small.json", per_set=n_test // len(TEST_TEMPLATE_SETS))
