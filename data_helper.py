@@ -4,19 +4,31 @@ Inputs (all under `data/` by default):
 - RoleBench-zh, flat (`rolebench-zh_general_train.jsonl`, ...) or as published
   (`rolebench-zh/general/train.jsonl`, ...): one record per (question, reference) in train, one
   record per question with all `references` in test; the instruction is the role's system prompt
-  from `utils.build_system_prompt` (the one training and inference use).
-- The attribute table (`genshin_attributes.json`) and its question/answer templates
-  (`attribute_templates.json`): persona-free fact questions about each character; train gets the
-  "train" phrasings, test the "heldout", "dev" and "novel" ones; a test phrasing equal to a train
-  phrasing up to punctuation and sentence-final particles is an error (`template_key`).
+  from `utils.build_system_prompt` (the one training and inference use). Questions and references
+  are trimmed of surrounding whitespace (inner line breaks stay: a general question may carry its
+  input after a "\n"). A role-specific record's `type` may be a string (`"script_based"`, as the
+  published train file stores it) or a list of strings (`["script_based"]`, as the published test
+  file stores it); the output always holds it as one string, a list's items joined with ",".
+- The profiles (role -> description): --profiles if given, else the profiles file that comes with
+  --data_dir (`profiles-zh_desc.json` or `profiles-zh/desc.json`), else `data/profiles-zh_desc.json`;
+  the summary names the file used.
+- The attribute table (`genshin_attributes.json`), in either layout:
+  `{"attributes": [names], "characters": {name: {attribute: value}}}`, or one flat object
+  `{name: {attribute: value}}` whose attribute names are the keys (first-seen order). A character
+  without a value (missing or null) for an attribute gets no records for it. Values may be phrases
+  ("成年男性", "岩元素"): `normalise_value` turns them into what the answer templates expect.
+- Its question/answer templates (`attribute_templates.json`): persona-free fact questions about
+  each character; train gets the "train" phrasings, test the "heldout", "dev" and "novel" ones; a
+  test phrasing equal to a train phrasing up to punctuation and sentence-final particles is an
+  error (`template_key`).
 
 Each output line is {"instruction", "input", "output", "role", "source", "split", ...}. The same
 inputs and seed give byte-identical files. A summary (counts per role, output lengths, dropped
 records, train/test question overlap) goes to stdout; bad input stops with exit code 2 and one line
 `error: <file>:<line>: <what>; <what to do>` unless --skip_bad.
 
-Example (from the repo root):
-    python data_helper.py --data_dir data --roles 孙悟空,李白 --max_replies 2 --strip_address
+Example (from the repo root, on a downloaded RoleBench folder with its own profiles):
+    python data_helper.py --data_dir path/to/RoleBench --roles 孙悟空,李白 --max_replies 2 --strip_address
 """
 
 from __future__ import annotations
@@ -176,10 +188,11 @@ def _field(record: dict, name: str, where: str) -> Any:
 def check_rolebench_record(record: dict, where: str) -> tuple[str, str, list[str], str | None]:
     """(role, question, references, type) of one RoleBench record; DataError on anything wrong.
 
-    Blank references are left out (counted by the caller); a record with none left is bad.
+    Question and references come back trimmed (the published questions often begin or end with
+    spaces); blank references are left out (counted by the caller); a record with none left is bad.
     """
     role = _check_text(_field(record, "role", where), "role", where)
-    question = _check_text(_field(record, "question", where), "question", where)
+    question = _check_text(_field(record, "question", where), "question", where).strip()
     generated = _field(record, "generated", where)
     if not isinstance(generated, list):
         raise DataError(f"{where}: field 'generated' must be a list of strings, got {type(generated).__name__}; "
@@ -191,13 +204,25 @@ def check_rolebench_record(record: dict, where: str) -> tuple[str, str, list[str
         if not isinstance(ref, str):
             raise DataError(f"{where}: generated[{i}] must be a string, got {type(ref).__name__}; fix the record")
         if ref.strip():
-            refs.append(_check_text(ref, f"generated[{i}]", where))
+            refs.append(_check_text(ref, f"generated[{i}]", where).strip())
     if not refs:
         raise DataError(f"{where}: field 'generated' has only blank references; fix or remove the record")
-    qtype = record.get("type")
-    if qtype is not None and not isinstance(qtype, str):
-        raise DataError(f"{where}: field 'type' must be a string, got {type(qtype).__name__}; fix the record")
-    return role, question, refs, qtype
+    return role, question, refs, check_type(record.get("type"), where)
+
+
+TYPE_JOIN = ","
+
+
+def check_type(qtype: Any, where: str) -> str | None:
+    """A role-specific record's type as one string: the published train file stores a string
+    ("script_based"), the test file a list (["script_based"]); a list's items are joined with ","."""
+    if qtype is None or isinstance(qtype, str):
+        return qtype
+    if isinstance(qtype, list) and qtype and all(isinstance(t, str) and t.strip() for t in qtype):
+        return TYPE_JOIN.join(_check_text(t, "type", where).strip() for t in qtype)
+    got = "an empty list" if qtype == [] else f"{type(qtype).__name__} {json.dumps(qtype, ensure_ascii=False)[:40]}"
+    raise DataError(f"{where}: field 'type' must be a string or a non-empty list of non-empty strings, got {got}; "
+                    "fix the record")
 
 
 def strip_address(question: str) -> str:
@@ -299,21 +324,66 @@ def load_rolebench(files: dict[tuple[str, str], Path], roles: RoleFilter, strip:
 # ---------------------------------------------------------------------------------------------
 # Attributes
 # ---------------------------------------------------------------------------------------------
+def _is_flat_table(table: Any) -> bool:
+    """The published layout: {name: {attribute: value}}. Our own layout's "attributes" is a list,
+    so no table is both."""
+    return isinstance(table, dict) and bool(table) and all(isinstance(facts, dict) for facts in table.values())
+
+
+def _flat_attributes(characters: dict[str, dict], where: str) -> list[str]:
+    """The attribute names of a flat table: its keys, in first-seen order."""
+    attributes = list(dict.fromkeys(attr for facts in characters.values() for attr in facts))
+    if not attributes:
+        raise DataError(f"{where}: no character has any attribute; expected {{name: {{attribute: value}}}}, "
+                        "fix the attribute table")
+    if not all(isinstance(a, str) and a.strip() for a in attributes):
+        raise DataError(f"{where}: attribute names must be non-empty strings; fix the attribute table")
+    return attributes
+
+
 def _check_table(table: Any, where: str) -> tuple[list[str], dict[str, dict]]:
-    if not isinstance(table, dict) or not isinstance(table.get("attributes"), list) \
-            or not isinstance(table.get("characters"), dict):
+    """(attribute names, characters) of a table in either layout (see the module docstring)."""
+    if _is_flat_table(table):
+        attributes, characters = _flat_attributes(table, where), table
+    elif isinstance(table, dict) and isinstance(table.get("attributes"), list) \
+            and isinstance(table.get("characters"), dict):
+        attributes, characters = table["attributes"], table["characters"]
+    else:
         raise DataError(f"{where}: expected {{\"attributes\": [names], \"characters\": {{name: {{attribute: value}}}}}}"
-                        "; fix the attribute table")
-    attributes = table["attributes"]
+                        " or a flat {name: {attribute: value}}; fix the attribute table")
     if not all(isinstance(a, str) and a for a in attributes):
         raise DataError(f"{where}: \"attributes\" must be a list of non-empty strings; fix the attribute table")
-    for name, facts in table["characters"].items():
+    for name, facts in characters.items():
         if not name.strip():
             raise DataError(f"{where}: a character has an empty name; fix the attribute table")
         if not isinstance(facts, dict):
             raise DataError(f"{where}: character {name!r} must map to an object of attribute -> value; "
                             "fix the attribute table")
-    return attributes, table["characters"]
+    return attributes, characters
+
+
+GENDER_ATTRIBUTE = "性别"
+_GENDERS = "男女"
+_VALUE_SUFFIX = re.compile(r"\{value\}(\w+)")  # the word an answer template writes right after {value}
+
+
+def normalise_value(attribute: str, value: str, answers: Sequence[str]) -> str:
+    """A table value as the answer templates expect it, so phrase values read right.
+
+    The published table holds phrases where our templates expect a word: a gender carries an age
+    ("成年男性" -> "男", as templates add "性"), and a value may end with the word a template writes
+    after {value} ("岩元素" with "{value}元素" -> "岩", so no "岩元素元素"). Single-word values
+    ("男", "岩") and other phrases ("往生堂客卿，岩神") are kept as given, surrounding spaces trimmed.
+    """
+    value = value.strip()
+    if attribute == GENDER_ATTRIBUTE:
+        genders = {c for c in value if c in _GENDERS}
+        if len(genders) == 1:  # "男女皆可" or "无" stay as written
+            value = genders.pop()
+    for suffix in dict.fromkeys(m.group(1) for t in answers for m in _VALUE_SUFFIX.finditer(t)):
+        if len(value) > len(suffix) and value.endswith(suffix):
+            value = value[: -len(suffix)]
+    return value
 
 
 def _check_templates(templates: Any, attributes: Sequence[str], sets: Sequence[str], where: str) -> None:
@@ -364,7 +434,9 @@ def expand_attributes(
     from the "train" pool: a large pool then adds wording variety across characters without
     multiplying the records. Test sets (TEST_TEMPLATE_SETS) always use every phrasing.
 
-    `table` is {"attributes": [...], "characters": {name: {attribute: value}}}; `templates` maps
+    `table` is {"attributes": [...], "characters": {name: {attribute: value}}} or a flat
+    {name: {attribute: value}}; values go through `normalise_value`, and a record's "fact" is the
+    normalised value (what its answer states); `templates` maps
     attribute -> {"train"|"heldout"|"dev"|"novel": [questions with {name}], "answer": [answers with
     {name} and {value}]}. A character without a value (missing or null) for an attribute gets no
     records for it. The answer template is drawn from an RNG seeded by (seed, character, attribute,
@@ -382,6 +454,7 @@ def expand_attributes(
             if not isinstance(value, str) or not value.strip():
                 raise DataError(f"{table_path}: {name}.{attr} must be a non-empty string or null, got {value!r}; "
                                 "fix the attribute table")
+            value = normalise_value(attr, value, templates[attr]["answer"])
             records.extend(_fact_records(name, attr, value, templates[attr], template_sets, seed, per_fact))
     return records
 
@@ -464,7 +537,7 @@ TEMPLATES_PER_FACT = 24  # train phrasings per (character, attribute), drawn fro
 @dataclass
 class Options:
     data_dir: str = utils.DATA_DIR
-    profiles: str | None = None  # None: utils.PROFILES_PATH, else the data_dir's own profiles file
+    profiles: str | None = None  # None: the data_dir's own profiles file, else utils.PROFILES_PATH
     attributes: str = utils.ATTRIBUTES_PATH  # "" disables attributes
     templates: str = TEMPLATES_PATH
     roles: list[str] | None = None
@@ -476,32 +549,38 @@ class Options:
     skip_bad: bool = False
 
 
-def _profiles_path(opts: Options) -> Path:
-    """--profiles, else utils.PROFILES_PATH, else the profiles file shipped beside the RoleBench data."""
+def profiles_candidates(data_dir: str | Path) -> list[Path]:
+    """Where a RoleBench folder keeps its own profiles: flat, published, or beside the
+    `rolebench-zh/` folder when --data_dir names that folder itself."""
+    data_dir = Path(data_dir)
+    candidates = [data_dir / "profiles-zh_desc.json", data_dir / "profiles-zh" / "desc.json"]
+    if any((data_dir / kind).is_dir() for kind in KINDS):
+        candidates.append(data_dir.parent / "profiles-zh" / "desc.json")
+    return candidates
+
+
+def profiles_path(opts: Options) -> tuple[Path, str]:
+    """(profiles file, why it was chosen): --profiles, else the one that comes with --data_dir (a
+    downloaded RoleBench names roles the repo's profiles lack), else utils.PROFILES_PATH."""
     if opts.profiles:
-        return Path(opts.profiles)
-    default = Path(utils.PROFILES_PATH)
-    if default.is_file():
-        return default
-    data_dir = Path(opts.data_dir)
-    for candidate in (data_dir / "profiles-zh_desc.json", data_dir / "profiles-zh" / "desc.json",
-                      data_dir.parent / "profiles-zh" / "desc.json"):
+        return Path(opts.profiles), "--profiles"
+    for candidate in profiles_candidates(opts.data_dir):
         if candidate.is_file():
-            return candidate
-    return default
+            return candidate, "the profiles of --data_dir"
+    return Path(utils.PROFILES_PATH), "default"
 
 
 def _role_filter(opts: Options, report: Report) -> RoleFilter:
-    path = _profiles_path(opts)
+    path, why = profiles_path(opts)
     profiles = utils.load_profiles(path)
     requested = None
     if opts.roles is not None:
         unknown = [r for r in opts.roles if r not in profiles]
         if unknown:
             raise DataError(f"{path}: no profile for role(s) {', '.join(unknown)} named in --roles; add a description "
-                            "there or drop them from --roles")
+                            "there, pass --profiles, or drop them from --roles")
         requested = frozenset(opts.roles)
-    report.notes.append(f"profiles: {path} ({len(profiles)} roles)")
+    report.notes.append(f"profiles: {path} ({len(profiles)} roles; {why})")
     return RoleFilter(profiles, str(path), requested)
 
 
@@ -679,10 +758,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                    help="folder with RoleBench-zh files, flat (rolebench-zh_general_train.jsonl ...) "
                         "or published (rolebench-zh/general/train.jsonl ...); default %(default)s")
     p.add_argument("--profiles", default=None,
-                   help=f"JSON object role -> description; default {utils.PROFILES_PATH}, "
-                        "else the profiles file beside the RoleBench data")
+                   help="JSON object role -> description; default the profiles file of --data_dir "
+                        f"(profiles-zh_desc.json or profiles-zh/desc.json), else {utils.PROFILES_PATH}")
     p.add_argument("--attributes", default=utils.ATTRIBUTES_PATH,
-                   help="attribute table JSON, '' to leave attributes out; default %(default)s")
+                   help="attribute table JSON, {\"attributes\": [...], \"characters\": {...}} or a flat "
+                        "{name: {attribute: value}}; '' to leave attributes out; default %(default)s")
     p.add_argument("--templates", default=TEMPLATES_PATH,
                    help="attribute question/answer templates JSON; default %(default)s")
     p.add_argument("--roles", type=_role_list, default=None,

@@ -239,6 +239,22 @@ def _accuracy_block(hits: list[bool]) -> dict[str, Any]:
     return {"accuracy": sum(hits) / len(hits) if hits else None, "correct": sum(hits), "n": len(hits)}
 
 
+IDENTITY_ATTRIBUTE = "身份"
+IDENTITY_SEP = "，"
+
+
+def fact_matches(record: dict, reply: str) -> bool:
+    """Whether a reply states an attribute record's fact: the fact occurs in it. An identity that
+    joins several titles with "，" ("往生堂客卿，岩神") is also right when the reply names any one of
+    them: each title alone identifies the character."""
+    fact = record["fact"]
+    if fact in reply:
+        return True
+    if record.get("attribute") != IDENTITY_ATTRIBUTE:
+        return False
+    return any(part in reply for part in (p.strip() for p in fact.split(IDENTITY_SEP)) if part)
+
+
 def compute_metrics(records: Sequence[dict], predictions: Sequence[str], roles: Iterable[str],
                     stats: dict | None = None, max_examples: int = 10) -> dict[str, Any]:
     """All batch metrics for `records` and their `predictions` (same order)."""
@@ -268,7 +284,7 @@ def compute_metrics(records: Sequence[dict], predictions: Sequence[str], roles: 
             if leak and len(leak_examples) < max_examples:
                 leak_examples.append({"role": role, "input": record["input"], "prediction": pred, "reason": leak})
         elif is_attribute(record):
-            hit = record["fact"] in pred
+            hit = fact_matches(record, pred)
             attr[record["attribute"]].append(hit)
             tset[record["template_set"]].append(hit)
     all_rouge = [v for vs in rouge.values() for v in vs]

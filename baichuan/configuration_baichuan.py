@@ -41,7 +41,7 @@ class BaichuanConfig(PretrainedConfig):
     """
 
     model_type: ClassVar[str] = "baichuan"
-    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values", "cache"]  # the cache under either name
 
     vocab_size: int = 125696
     hidden_size: int = 4096

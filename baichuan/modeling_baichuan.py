@@ -47,6 +47,17 @@ ROPE_BASE = 10000.0  # fixed in the reference implementation; not a config field
 
 LegacyCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
+# transformers 5.24 renamed the KV-cache argument and output field from `past_key_values` to `cache`
+# (the old name is deprecated there). The model takes both names and answers in the installed one.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def pick_cache(cache: Cache | LegacyCache | None, past_key_values: Cache | LegacyCache | None) -> Any:
+    """The cache given under either name; both at once is an error (they could disagree)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
+
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks
@@ -237,7 +248,7 @@ class Attention(nn.Module):
         hidden_states: torch.Tensor,
         attention_bias: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         """Attention output [b, t, H]; appends this layer's (rotated) keys and values to the cache."""
         bsz, q_len, _ = hidden_states.shape
@@ -250,8 +261,8 @@ class Attention(nn.Module):
         if position_embeddings is not None:
             cos, sin = position_embeddings
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)  # the cache stores rotated keys
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # the cache stores rotated keys
 
         if attention_bias is not None and attention_bias.dtype != q.dtype:
             # Mixed precision (e.g. fp32 norms feeding bf16 projections): re-express the mask in q's
@@ -289,7 +300,7 @@ class DecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_bias: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool = False,
         **kwargs: Any,
     ) -> torch.Tensor:
@@ -299,7 +310,7 @@ class DecoderLayer(GradientCheckpointingLayer):
             self.input_layernorm(hidden_states),
             attention_bias=attention_bias,
             position_embeddings=position_embeddings,
-            past_key_values=past_key_values,
+            cache=cache,
         )
         hidden_states = residual + hidden_states
         residual = hidden_states
@@ -353,7 +364,7 @@ class BaichuanPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules: ClassVar[list[str]] = ["DecoderLayer"]
-    _skip_keys_device_placement: ClassVar[list[str]] = ["past_key_values"]
+    _skip_keys_device_placement: ClassVar[list[str]] = ["cache", "past_key_values"]
     _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [
         r"decoder\.version",
         r"rotary_emb\.(inv_freq|cos_cached|sin_cached)",
@@ -440,20 +451,22 @@ class BaichuanModel(BaichuanPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | LegacyCache | None = None,
+        cache: Cache | LegacyCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: Cache | LegacyCache | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast | tuple:
         """Run the decoder stack.
 
-        `past_key_values` may be a `Cache` (transformers 5) or legacy per-layer (k, v) tuples; legacy in
-        gives legacy out. Without `position_ids`, positions are `arange(past, past + t)` (as in the
-        reference, even with left padding; `generate` derives them from the mask instead). A
-        `position_ids` longer than the fed tokens is sliced to its last t entries.
+        `cache` (called `past_key_values` before transformers 5.24; both names are accepted) may be a
+        `Cache` or legacy per-layer (k, v) tuples; legacy in gives legacy out. Without `position_ids`,
+        positions are `arange(past, past + t)` (as in the reference, even with left padding; `generate`
+        derives them from the mask instead). A `position_ids` longer than the fed tokens is sliced to
+        its last t entries.
         `output_attentions` is accepted but attentions are never returned (SDPA does not expose them).
         """
         if (input_ids is None) == (inputs_embeds is None):
@@ -473,12 +486,13 @@ class BaichuanModel(BaichuanPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
 
-        legacy_cache = past_key_values is not None and not isinstance(past_key_values, Cache)
+        cache = pick_cache(cache, past_key_values)
+        legacy_cache = cache is not None and not isinstance(cache, Cache)
         if legacy_cache:
-            past_key_values = DynamicCache(ddp_cache_data=past_key_values) if len(past_key_values) else DynamicCache()
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+            cache = DynamicCache(ddp_cache_data=cache) if len(cache) else DynamicCache()
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_len = cache.get_seq_length() if cache is not None else 0
         kv_len = past_len + seq_len
         device = inputs_embeds.device
 
@@ -510,21 +524,21 @@ class BaichuanModel(BaichuanPreTrainedModel):
                 hidden_states,
                 attention_bias=attention_bias,
                 position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
             )
         hidden_states = self.norm(hidden_states)
         if all_hidden_states is not None:
             all_hidden_states += (hidden_states,)
 
-        next_cache = past_key_values if use_cache else None
+        next_cache = cache if use_cache else None
         if legacy_cache and next_cache is not None:
             next_cache = tuple((layer.keys, layer.values) for layer in next_cache.layers)
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=next_cache,
             hidden_states=all_hidden_states,
             attentions=None,
+            **{CACHE_NAME: next_cache},
         )
         return output if return_dict else output.to_tuple()
 
@@ -572,7 +586,7 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | LegacyCache | None = None,
+        cache: Cache | LegacyCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -580,9 +594,13 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | LegacyCache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits (in the model dtype) and, with `labels`, the loss.
+
+        The KV cache comes in as `cache` (transformers >= 5.24) or `past_key_values` (older 5.x) and
+        goes out under the installed version's field name (`CACHE_NAME`).
 
         loss = mean cross-entropy of shifted logits/labels (ignore_index -100)
                + z_loss_weight * mean over all shifted positions of max_logit**2.
@@ -593,7 +611,7 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=pick_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -619,33 +637,31 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=None,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
         return output if return_dict else output.to_tuple()
 
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
-        past_key_values: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """GenerationMixin's inputs, with the reference's position ids.
 
+        The cache travels in `kwargs` under whichever name the installed `generate` uses, and the
+        parent method (which knows that name) puts it into the model inputs.
         Positions are `attention_mask.cumsum(-1) - 1` with pad positions set to 1, sliced to the tokens
         actually fed (only the newest one once the cache holds the prompt). transformers 5 passes its
         own full-length `position_ids` (pads set to 0) in kwargs; they are replaced here, which keeps
         left-padded batched generation equal to per-row generation.
         """
+        # `inputs_embeds` stays a named parameter: `generate` checks this signature for it.
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids,
-            past_key_values=past_key_values,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            **kwargs,
+            input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
         )
         if attention_mask is not None and attention_mask.dim() == 2:
             fed = model_inputs.get("input_ids")
@@ -657,17 +673,15 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         return model_inputs
 
     @staticmethod
-    def _reorder_cache(past_key_values: Cache | LegacyCache, beam_idx: torch.LongTensor) -> Cache | LegacyCache:
+    def _reorder_cache(cache: Cache | LegacyCache, beam_idx: torch.LongTensor) -> Cache | LegacyCache:
         """Reorder the cache along the batch for beam search (`Cache` in place; legacy tuples copied).
 
         transformers 5 calls this hook whenever a model defines it, for `Cache` objects too.
         """
-        if isinstance(past_key_values, Cache):
-            past_key_values.reorder_cache(beam_idx)
-            return past_key_values
-        return tuple(
-            tuple(state.index_select(0, beam_idx.to(state.device)) for state in layer) for layer in past_key_values
-        )
+        if isinstance(cache, Cache):
+            cache.reorder_cache(beam_idx)
+            return cache
+        return tuple(tuple(state.index_select(0, beam_idx.to(state.device)) for state in layer) for layer in cache)
 
     # --- chat helpers -----------------------------------------------------------------------
     def chat(
@@ -716,6 +730,7 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
 
 
 __all__ = [
+    "CACHE_NAME",
     "BaichuanForCausalLM",
     "BaichuanModel",
     "BaichuanPreTrainedModel",

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import baichuan  # noqa: F401  (registers the Auto classes)
 from baichuan import BaichuanConfig, BaichuanForCausalLM
-from baichuan.modeling_baichuan import NormHead, alibi_slopes
+from baichuan.modeling_baichuan import CACHE_NAME, NormHead, alibi_slopes
 from tests.tiny import TINY_VOCAB_SIZE, tiny_config
 
 ATOL = 1e-4  # the spec's fp32 tolerance
@@ -166,19 +166,19 @@ def test_incremental_decoding_matches_full_forward(position_embedding: str) -> N
     ids = random_ids(2, 12)
     with torch.no_grad():
         full = model(ids).logits
-        out = model(ids[:, :5], past_key_values=DynamicCache(), use_cache=True)
+        out = model(ids[:, :5], cache=DynamicCache(), use_cache=True)
         steps = [out.logits]
         for t in range(5, 12):
-            out = model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = model(ids[:, t:t + 1], **{CACHE_NAME: getattr(out, CACHE_NAME)}, use_cache=True)
             steps.append(out.logits)
-        assert out.past_key_values.get_seq_length() == 12
+        assert getattr(out, CACHE_NAME).get_seq_length() == 12
         assert (torch.cat(steps, 1) - full).abs().max().item() < ATOL
 
         # Legacy per-layer (k, v) tuples are accepted and given back as tuples.
-        prefix = model(ids[:, :5], use_cache=True).past_key_values
+        prefix = getattr(model(ids[:, :5], use_cache=True), CACHE_NAME)
         legacy = tuple((layer.keys, layer.values) for layer in prefix.layers)
-        out = model(ids[:, 5:], past_key_values=legacy, use_cache=True)
-        assert isinstance(out.past_key_values, tuple) and out.past_key_values[0][0].shape[2] == 12
+        out = model(ids[:, 5:], cache=legacy, use_cache=True)
+        assert isinstance(getattr(out, CACHE_NAME), tuple) and getattr(out, CACHE_NAME)[0][0].shape[2] == 12
         assert (out.logits - full[:, 5:]).abs().max().item() < ATOL
 
 
@@ -219,7 +219,7 @@ def test_generation_passes_sliced_mask_positions() -> None:
     ids, mask = left_pad([random_ids(1, 7, seed=5)[0], random_ids(1, 3, seed=6)[0]])
     cache = DynamicCache()
     full_positions = torch.arange(ids.shape[1]).expand(2, -1)  # what v5 may pass in kwargs
-    first = model.prepare_inputs_for_generation(ids, past_key_values=cache, attention_mask=mask,
+    first = model.prepare_inputs_for_generation(ids, **{CACHE_NAME: cache}, attention_mask=mask,
                                                 position_ids=full_positions, use_cache=True, is_first_iteration=True)
     expected = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     assert torch.equal(first["position_ids"], expected)
@@ -227,7 +227,7 @@ def test_generation_passes_sliced_mask_positions() -> None:
         model(**first)
     grown = torch.cat([ids, torch.tensor([[5], [6]])], 1)
     grown_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
-    step = model.prepare_inputs_for_generation(grown, past_key_values=cache, attention_mask=grown_mask,
+    step = model.prepare_inputs_for_generation(grown, **{CACHE_NAME: cache}, attention_mask=grown_mask,
                                                position_ids=torch.arange(grown.shape[1]).expand(2, -1),
                                                next_sequence_length=1, use_cache=True)
     assert step["input_ids"].tolist() == [[5], [6]]
@@ -322,7 +322,7 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients() -> None:
     for name, grad in plain_grads.items():
         assert torch.allclose(grad, ckpt_grads[name], atol=1e-6), name
     # Training with checkpointing forces use_cache off.
-    assert model(random_ids(1, 4), use_cache=True).past_key_values is None
+    assert getattr(model(random_ids(1, 4), use_cache=True), CACHE_NAME) is None
 
 
 def test_embedding_accessors() -> None:
@@ -427,7 +427,7 @@ def test_lazy_rope_tables_follow_the_device_and_length() -> None:
     ids = random_ids(1, 40)  # longer than max_position_embeddings: the tables grow
     with torch.no_grad():
         out = model(ids, use_cache=True)
-        step = model(random_ids(1, 1, seed=9), past_key_values=out.past_key_values, use_cache=True)
+        step = model(random_ids(1, 1, seed=9), **{CACHE_NAME: getattr(out, CACHE_NAME)}, use_cache=True)
     assert torch.isfinite(step.logits).all()
     rotary = model.model.rotary_emb
     assert not list(rotary.buffers()) and "rotary" not in " ".join(model.state_dict())

@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 data_helper = importlib.import_module("data_helper")
 utils = importlib.import_module("utils")
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # small files in the published formats, with their quirks
 
 PROFILES = {
     "孙悟空": "美猴王，齐天大圣，说话豪爽",
@@ -600,8 +602,8 @@ def test_fuzz_rolebench_line(question, answers, ascii_only, strip):
             return
         written = [r for _, r in utils.read_jsonl(data / "out" / "train.json")]
         assert written == train and test == []
-        expected_q = data_helper.strip_address(question) if strip else question
-        assert all(r["input"] == expected_q and r["output"] in answers for r in written)
+        expected_q = data_helper.strip_address(question.strip()) if strip else question.strip()
+        assert all(r["input"] == expected_q and r["output"] in [a.strip() for a in answers] for r in written)
 
 
 def _utf8_ok(text: str) -> bool:
@@ -660,3 +662,227 @@ def test_synthetic_rolebench_sized_input(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "wrote " in out
     print(out.splitlines()[-1], file=sys.stderr)  # shows the elapsed time with pytest -s
+
+
+# ---------------------------------------------------------------------------------------------
+# The published files as they are (tests/fixtures/): type as a string or a list, questions with
+# spaces around them, the folder's own profiles, the flat attribute table with phrase values
+# ---------------------------------------------------------------------------------------------
+PUBLISHED = FIXTURES / "rolebench_published"
+FLAT = FIXTURES / "rolebench_flat"
+FLAT_TABLE = FIXTURES / "genshin_attributes_flat.json"
+SEED_TEMPLATES = FIXTURES / "attribute_templates_seed_style.json"
+
+
+def run_fixture(tmp_path: Path, data_dir: Path, *extra: str, attributes: str | Path = "") -> tuple[list, list, str]:
+    """data_helper on a fixture folder into tmp_path/out: (train, test, summary)."""
+    out = tmp_path / "out"
+    args = ["--data_dir", str(data_dir), "--attributes", str(attributes), "--output_dir", str(out), *extra]
+    proc = subprocess.run([sys.executable, str(REPO / "data_helper.py"), *args], cwd=REPO, capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    paths = {"output_dir": out}
+    return read_out(paths, "train.json"), read_out(paths, "test.json"), proc.stdout
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_fixture_published_type_is_a_string_in_train_and_a_list_in_test():
+    """The fixture reproduces the published files: every role-specific test line has a list type."""
+    specific = PUBLISHED / "rolebench-zh" / "role_specific"
+    assert {type(r["type"]) for r in _lines(specific / "train.jsonl")} == {str}
+    assert {type(r["type"]) for r in _lines(specific / "test.jsonl")} == {list}
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_role_specific_type_string_or_list_is_kept_as_one_string(tmp_path, skip_bad):
+    train, test, out = run_fixture(tmp_path, PUBLISHED, *(["--skip_bad"] if skip_bad else []))
+    specific_test = [r for r in test if r["source"] == "rolebench_role_specific"]
+    specific_train = [r for r in train if r["source"] == "rolebench_role_specific"]
+    assert len(specific_test) == 3 and len(specific_train) == 3  # no test record dropped
+    assert {r["type"] for r in specific_test + specific_train} == {"script_based"}
+    assert "bad records skipped" not in out
+    assert all("type" not in r for r in train + test if r["source"] == "rolebench_general")
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, None), ("script_based", "script_based"), (["script_based"], "script_based"),
+    (["script_based", "knowledge"], "script_based,knowledge"), ([" script_based "], "script_based"),
+])
+def test_check_type_accepts_a_string_or_a_list_of_strings(value, expected):
+    assert data_helper.check_type(value, "f:1") == expected
+
+
+@pytest.mark.parametrize("value", [5, [], [1], [""], {"a": "b"}, ["ok", None]])
+def test_a_bad_type_is_one_clear_error_with_file_and_line(tmp_path, capsys, value):
+    files = {("role_specific", "test"): [
+        {"role": "皇帝", "question": "皇上，好吗？", "generated": ["好"], "type": ["script_based"]},
+        {"role": "皇帝", "question": "皇上，坏吗？", "generated": ["坏"], "type": value},
+    ], ("general", "train"): GENERAL_TRAIN}
+    paths = make_inputs(tmp_path, files=files, attributes=False)
+    assert data_helper.main(argv(paths)) == 2
+    err = capsys.readouterr().err
+    target = rolebench_path(paths["data_dir"], "flat", "role_specific", "test")
+    assert err.count("\n") == 1 and err.startswith(f"error: {target}:2: field 'type' must be a string or")
+    assert "; fix the record" in err
+    assert not paths["output_dir"].exists()
+
+
+def test_questions_and_references_are_trimmed_inner_newline_kept(tmp_path):
+    train, test, _ = run_fixture(tmp_path, PUBLISHED, "--max_replies", "5")
+    rolebench = [r for r in train + test if r["source"] != "attribute"]
+    assert all(r["input"] == r["input"].strip() and r["output"] == r["output"].strip() for r in rolebench)
+    assert all(ref == ref.strip() for r in test for ref in r.get("references", []))
+    li_bai = {r["output"]: r["input"] for r in train if r["role"] == "李白"}
+    assert li_bai["月满西楼，举杯邀之，共醉今宵。"] == "把下面的句子改写得更有诗意。\n今天的月亮很圆。"
+    [english] = [r for r in test if r["role"] == "李白" and r["source"] == "rolebench_general"]
+    assert english["input"] == "翻译成英文：\n举头望明月"
+    assert english["references"] == ["I raise my head to gaze at the bright moon."]
+    # trimmed, the test question is the train question of other roles (as published)
+    [fruit] = [r for r in test if r["role"] == "张飞" and r["source"] == "rolebench_general"]
+    assert fruit["input"] == "给出三种水果的名字。" and fruit["input"] in {r["input"] for r in train}
+
+
+def test_strip_address_works_on_trimmed_questions(tmp_path):
+    _, test, _ = run_fixture(tmp_path, PUBLISHED, "--strip_address")
+    assert "年羹尧该如何处置？" in {r["input"] for r in test if r["source"] == "rolebench_role_specific"}
+
+
+@pytest.mark.parametrize("folder, profiles_file", [
+    (PUBLISHED, PUBLISHED / "profiles-zh" / "desc.json"),
+    (FLAT, FLAT / "profiles-zh_desc.json"),
+    (PUBLISHED / "rolebench-zh", PUBLISHED / "profiles-zh" / "desc.json"),
+])
+def test_profiles_of_data_dir_win_over_the_repo_default(tmp_path, folder, profiles_file):
+    """From the repo root, where data/profiles-zh_desc.json lacks 李白, 华妃 and 张飞."""
+    assert (REPO / utils.PROFILES_PATH).is_file()
+    train, test, out = run_fixture(tmp_path, folder)
+    profiles = json.loads(profiles_file.read_text(encoding="utf-8"))
+    assert f"note: profiles: {profiles_file} ({len(profiles)} roles; the profiles of --data_dir)" in out
+    for r in train + test:
+        assert r["instruction"] == utils.build_system_prompt(r["role"], profiles[r["role"]])
+
+
+def test_published_profiles_hold_the_five_published_roles():
+    profiles = json.loads((PUBLISHED / "profiles-zh" / "desc.json").read_text(encoding="utf-8"))
+    assert set(profiles) == {"皇帝", "孙悟空", "华妃", "张飞", "李白"}
+
+
+def test_explicit_profiles_still_win(tmp_path):
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({"张飞": "我的张飞", "华妃": "我的华妃"}, ensure_ascii=False), encoding="utf-8")
+    train, _, out = run_fixture(tmp_path, FLAT, "--profiles", str(mine))
+    assert f"note: profiles: {mine} (2 roles; --profiles)" in out
+    assert {r["instruction"] for r in train} == {utils.build_system_prompt("张飞", "我的张飞"),
+                                                 utils.build_system_prompt("华妃", "我的华妃")}
+
+
+def test_module_docstring_example_runs_on_a_rolebench_folder(tmp_path):
+    [example] = [line.split("python data_helper.py", 1)[1].split() for line in data_helper.__doc__.splitlines()
+                 if "python data_helper.py" in line]
+    args = [str(PUBLISHED) if a == "path/to/RoleBench" else a for a in example]
+    assert "--roles" in args and str(PUBLISHED) in args
+    train, test, out = run_fixture(tmp_path, PUBLISHED, *args[2:], attributes=REPO / utils.ATTRIBUTES_PATH)
+    assert {r["role"] for r in train + test if r["source"] != "attribute"} == {"孙悟空", "李白"}
+    assert "您的金箍棒是从哪里来的？" in {r["input"] for r in train}  # --strip_address
+
+
+# attribute tables: the seed's flat layout with phrase values
+def _facts(records: list[dict], name: str) -> dict[str, set[str]]:
+    """attribute -> answers of one character."""
+    out: dict[str, set[str]] = {}
+    for r in records:
+        if r["source"] == "attribute" and r["role"] == name:
+            out.setdefault(r["attribute"], set()).add(r["output"])
+    return out
+
+
+def test_flat_attribute_table_with_the_shipped_templates_reads_right(tmp_path):
+    train, test, _ = run_fixture(tmp_path, PUBLISHED, attributes=FLAT_TABLE)
+    attr = [r for r in train + test if r["source"] == "attribute"]
+    assert {r["role"] for r in attr} == {"丽莎", "钟离", "砂糖"}
+    assert list(_facts(test, "钟离")) == ["性别", "国籍", "元素力", "身份", "性格特征"]  # the table's key order
+    zhongli = _facts(train + test, "钟离")
+    assert zhongli["性别"] == {"钟离是男性角色。", "钟离的性别是男。"}
+    assert zhongli["国籍"] == {"钟离来自璃月。", "钟离的国籍是璃月。"}
+    assert zhongli["元素力"] == {"钟离使用岩元素。", "钟离的元素力是岩。"}
+    assert zhongli["身份"] == {"钟离是往生堂客卿，岩神。", "钟离的身份是往生堂客卿，岩神。"}
+    assert zhongli["性格特征"] == {"钟离性格沉稳，深知璃月文化底蕴。", "钟离的性格是沉稳，深知璃月文化底蕴。"}
+    assert _facts(attr, "砂糖")["性别"] == {"砂糖是女性角色。", "砂糖的性别是女。"}
+    assert not any(w in r["output"] for r in attr for w in ("成年", "少年", "元素元素"))
+    assert all(r["fact"] in r["output"] for r in attr)
+
+
+def test_flat_attribute_table_gives_the_seed_answers(tmp_path):
+    """With answer templates in the seed's style, the answers are the seed's own."""
+    train, _, _ = run_fixture(tmp_path, PUBLISHED, "--templates", str(SEED_TEMPLATES), attributes=FLAT_TABLE)
+    assert _facts(train, "钟离") == {"性别": {"钟离是男性"}, "国籍": {"钟离来自璃月"}, "元素力": {"岩元素"},
+                                     "身份": {"钟离是往生堂客卿，岩神"}, "性格特征": {"沉稳，深知璃月文化底蕴"}}
+    assert _facts(train, "丽莎")["性别"] == {"丽莎是女性"} and _facts(train, "砂糖")["元素力"] == {"风元素"}
+
+
+def test_both_table_layouts_give_the_same_records():
+    flat = {name: {a: v for a, v in facts.items() if v is not None} for name, facts in TABLE["characters"].items()}
+    for sets in (["train"], ["heldout", "novel"]):
+        assert data_helper.expand_attributes(flat, TEMPLATES, sets, 3) == \
+            data_helper.expand_attributes(TABLE, TEMPLATES, sets, 3)
+
+
+def test_flat_table_character_without_an_attribute_gets_no_records_for_it():
+    table = {"甲": {"性别": "成年男性", "元素力": "雷元素"}, "乙": {"元素力": "冰元素"}}
+    records = data_helper.expand_attributes(table, TEMPLATES, ["train"], 0)
+    assert {(r["role"], r["attribute"]) for r in records} == {("甲", "性别"), ("甲", "元素力"), ("乙", "元素力")}
+    assert {r["fact"] for r in records} == {"男", "雷", "冰"}
+
+
+@pytest.mark.parametrize("table, blamed, needle", [
+    ({}, "attributes", "or a flat {name: {attribute: value}}"),
+    ({"甲": {"性别": "男"}, "乙": "女"}, "attributes", "or a flat {name: {attribute: value}}"),
+    ({"甲": {}}, "attributes", "no character has any attribute"),
+    ({"甲": {"性别": ["男"]}}, "attributes", "甲.性别 must be a non-empty string or null"),
+    ({"甲": {"身高": "高"}}, "templates", "no templates for attribute '身高'"),
+])
+def test_bad_flat_tables_are_one_clear_error(tmp_path, capsys, table, blamed, needle):
+    paths = make_inputs(tmp_path, attributes=True)
+    paths["attributes"].write_text(json.dumps(table, ensure_ascii=False), encoding="utf-8")
+    assert data_helper.main(argv(paths)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {paths[blamed]}: ") and needle in err
+    assert not paths["output_dir"].exists()
+
+
+@pytest.mark.parametrize("attribute, value, answers, expected", [
+    ("性别", "成年男性", ["{name}是{value}性角色。"], "男"),
+    ("性别", "少年女性", ["{name}的性别是{value}。"], "女"),
+    ("性别", "少女", ["{name}是{value}性"], "女"),
+    ("性别", "男", ["{name}是{value}性角色。"], "男"),      # our own values are kept
+    ("性别", "男女皆可", ["{value}"], "男女皆可"),          # no single gender: kept as written
+    ("元素力", "岩元素", ["{name}使用{value}元素。", "{value}"], "岩"),
+    ("元素力", "岩", ["{name}使用{value}元素。"], "岩"),
+    ("元素力", "元素", ["{value}元素"], "元素"),             # never stripped to nothing
+    ("元素力", "岩元素", ["{name}的元素力是{value}。"], "岩元素"),  # no template adds it back
+    ("身份", " 往生堂客卿，岩神 ", ["{name}是{value}。"], "往生堂客卿，岩神"),
+    ("性格特征", "沉稳，深知璃月文化底蕴", ["{name}的性格是{value}。"], "沉稳，深知璃月文化底蕴"),
+])
+def test_normalise_value(attribute, value, answers, expected):
+    assert data_helper.normalise_value(attribute, value, answers) == expected
+
+
+def test_synth_rolebench_has_the_published_proportions_and_type_forms(tmp_path):
+    from bench.synth import PUBLISHED_LINES, ROLEBENCH_SPLITS, synth_rolebench
+
+    assert ROLEBENCH_SPLITS == {("general", "train"): 5933, ("general", "test"): 1451,
+                                ("role_specific", "train"): 1535, ("role_specific", "test"): 239}
+    lines = PUBLISHED_LINES // 10  # the full size takes seconds; the counts scale the same way
+    synth_rolebench(tmp_path, lines)
+    files = {(k, s): _lines(rolebench_path(tmp_path, "flat", k, s)) for k, s in ROLEBENCH_SPLITS}
+    assert {key: len(v) for key, v in files.items()} == \
+        {key: round(lines * n / PUBLISHED_LINES) for key, n in ROLEBENCH_SPLITS.items()}
+    assert {type(r["type"]) for r in files[("role_specific", "train")]} == {str}
+    assert {json.dumps(r["type"]) for r in files[("role_specific", "test")]} == {'["script_based"]'}
+    questions = [r["question"] for v in files.values() for r in v]
+    assert any(q != q.strip() for q in questions) and any("\n" in q for q in questions)
+    train, test, _ = run_fixture(tmp_path / "run", tmp_path)
+    assert {r["type"] for r in train + test if r["source"] == "rolebench_role_specific"} == {"script_based"}
