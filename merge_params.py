@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import utils
+from roleplay import loading
+from roleplay.devices import model_device, resolve_device, resolve_inference_dtype
 from utils import UserError
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -72,13 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def resolve_inputs(args: argparse.Namespace) -> tuple[str, str]:
     """(base folder, adapter folder), validated."""
     ckpt = Path(args.model_dir)
-    if ckpt.is_dir() and not utils.is_adapter_dir(ckpt) and (ckpt / "config.json").is_file():
+    if ckpt.is_dir() and not loading.is_adapter_dir(ckpt) and (ckpt / "config.json").is_file():
         raise UserError(f"{ckpt}: a full-model checkpoint (no adapter_config.json): it is already a complete "
                         "model folder, nothing to merge; load it directly")
     base = args.ori_model_dir
     if base is None:
-        base, _ = utils.resolve_model_paths(str(ckpt))  # the checkpoint's run_config base_model
-    return utils.resolve_model_paths(base, str(ckpt))
+        base, _ = loading.resolve_model_paths(str(ckpt))  # the checkpoint's run_config base_model
+    return loading.resolve_model_paths(base, str(ckpt))
 
 
 def check_output_dir(out: Path, overwrite: bool, inputs: list[str]) -> None:
@@ -116,7 +118,7 @@ def prompt_logits(model: Any, prompts: list[list[int]]) -> list[Any]:
     """fp32 CPU logits for every position of every prompt (eval mode, one prompt at a time)."""
     import torch
 
-    device = utils.model_device(model)
+    device = model_device(model)
     model.eval()
     out = []
     with torch.no_grad():
@@ -138,9 +140,9 @@ def compare(reference: list[Any], other: list[Any]) -> dict[str, float]:
 def snapshot_norm_heads(model: Any) -> list[tuple[Any, Any]]:
     """(module, raw weight copy) of every Baichuan NormHead, taken before any eval forward.
 
-    A NormHead overwrites its weight in place with unit-norm rows on its first eval call (spec §3.6),
-    and the check prompts run in eval mode; restoring the raw weight before saving keeps every
-    tensor the adapter does not touch bit-identical to the base checkpoint (one [V, H] copy).
+    A NormHead (baichuan/modeling_baichuan.py) overwrites its weight in place with unit-norm rows on
+    its first eval call, and the check prompts run in eval mode; restoring the raw weight before saving
+    keeps every tensor the adapter does not touch bit-identical to the base checkpoint (one [V, H] copy).
     """
     return [(m, m.weight.detach().clone()) for m in model.modules() if hasattr(m, "first_flag")]
 
@@ -187,11 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     import baichuan  # noqa: F401  (registers the Baichuan classes with the Auto factories)
 
     t0 = time.perf_counter()
-    device = utils.resolve_inference_device(args.device)
-    torch_dtype = utils.resolve_inference_dtype(dtype_name, device)
-    tokenizer = utils.load_inference_tokenizer(base_dir, adapter_dir)
+    device = resolve_device(args.device)
+    torch_dtype = resolve_inference_dtype(dtype_name, device)
+    tokenizer = loading.load_tokenizer(base_dir, adapter_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype, device_map={"": device})
-    peft_model = utils.attach_adapter(model, tokenizer, adapter_dir)
+    peft_model = loading.attach_adapter(model, tokenizer, adapter_dir)
     heads = snapshot_norm_heads(model)
     del model
     peft_model.eval()

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import utils
+from roleplay import generation, loading
 from utils import DataError, UserError
 
 RESET_CMD, ROLE_CMD, ROLES_CMD, QUIT_CMDS = "/reset", "/role", "/roles", ("/quit", "/exit")
@@ -393,18 +394,18 @@ def run_batch(args: argparse.Namespace, model: Any, tokenizer: Any, items: list[
     metrics; with `baseline` (another run's metrics), also print the two side by side."""
     from tqdm import tqdm
 
-    config = utils.generation_config_for(model, **generation_overrides(args, batch=True))
+    config = generation.generation_config_for(model, **generation_overrides(args, batch=True))
     records = [r for _, r in items]
-    messages = [utils.record_messages(r) for r in records]
-    lengths = [len(utils.chat_prompt_ids(model, tokenizer, m, config)) for m in messages]
+    messages = [generation.record_messages(r) for r in records]
+    lengths = [len(generation.chat_prompt_ids(model, tokenizer, m, config)) for m in messages]
     order = sorted(range(len(records)), key=lambda i: -lengths[i])  # similar lengths share a batch
     predictions: list[str] = [""] * len(records)
     stats: dict[str, Any] = {}
     with tqdm(total=len(records), desc="predict", unit="rec", file=sys.stderr, dynamic_ncols=True) as bar:
         for start in range(0, len(order), args.batch_size):
             chunk = order[start:start + args.batch_size]
-            replies = utils.generate_batch(model, tokenizer, [messages[i] for i in chunk], config,
-                                           batch_size=args.batch_size, stats=stats)
+            replies = generation.generate_batch(model, tokenizer, [messages[i] for i in chunk], config,
+                                                batch_size=args.batch_size, stats=stats)
             for i, reply in zip(chunk, replies, strict=True):
                 predictions[i] = reply
             bar.update(len(chunk))
@@ -444,7 +445,7 @@ def run_interactive(args: argparse.Namespace, model: Any, tokenizer: Any, profil
                     stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """Chat with history in the chosen role; /reset, /role NAME, /roles, /quit, EOF quits."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    config = utils.generation_config_for(model, **generation_overrides(args, batch=False))
+    config = generation.generation_config_for(model, **generation_overrides(args, batch=False))
     role = args.role or choose_role(profiles, stdin, stdout)
     if role is None:
         print("\nbye", file=stdout)
@@ -483,7 +484,7 @@ def run_interactive(args: argparse.Namespace, model: Any, tokenizer: Any, profil
         messages = [{"role": "system", "content": utils.role_system_prompt(role, profiles)}] + history
         print(f"{role}: ", end="", file=stdout, flush=True)
         shown = reply = ""
-        for reply in utils.chat_stream(model, tokenizer, messages, config):
+        for reply in generation.chat_stream(model, tokenizer, messages, config):
             if reply.startswith(shown):
                 print(reply[len(shown):], end="", file=stdout, flush=True)
             else:  # the final exact text differs from what was streamed: show it whole
@@ -513,8 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         profiles = utils.load_profiles(args.desc_path or utils.PROFILES_PATH)
         if args.role is not None:
             utils.role_system_prompt(args.role, profiles)  # unknown role -> DataError
-    model, tokenizer = utils.load_model_for_inference(args.model_path, args.adapter_dir, args.device, args.dtype,
-                                                      args.load_in_4bit)
+    model, tokenizer = loading.load_model_for_inference(args.model_path, args.adapter_dir, args.device, args.dtype,
+                                                        args.load_in_4bit)
     import torch
 
     torch.manual_seed(args.seed)

@@ -27,6 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import utils
+from roleplay import loading
+from roleplay.devices import bf16_supported, resolve_device
+from roleplay.plotting import plot_loss
+from roleplay.profiling import StepProfiler
+from roleplay.sampler import LengthGroupedBatchSampler
 from utils import UserError, print_rank0
 
 CKPT_RE = re.compile(r"^epoch-(\d+)-step-(\d+)$")
@@ -77,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot_to_images", action="store_true",
                    help="also copy the loss plot to images/loss.png (relative to the cwd; train.sh runs in the repo)")
     p.add_argument("--log_steps", type=int, default=1, help="TensorBoard/progress update every N optimizer steps")
+    p.add_argument("--profile", action="store_true",
+                   help="time each optimizer step's phases (data, forward, backward, optimizer) and write them to "
+                        "output_dir/profile.json at the end (on CUDA each phase waits for the GPU: slower steps)")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", "0")),
                    help="set by the deepspeed launcher")
     return p.parse_args(argv)
@@ -98,59 +106,14 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def resolve_device(choice: str, local_rank: int) -> Any:
-    import torch
-
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA device is visible; use --device cpu or auto")
-    if choice != "cpu" and torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def bf16_supported(device: Any) -> bool:
-    """bf16 where the hardware computes it natively, fp32 elsewhere."""
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-TRAIN_MODEL_HINT = ("for real weights download Baichuan2-7B-Chat (or a Qwen2-architecture chat model) into a "
-                    "folder and pass it; for the embedded tiny default run `python -m baichuan.build_default` first")
-
-
-def load_tokenizer(path: str) -> Any:
-    from transformers import AutoTokenizer
-
-    import baichuan  # noqa: F401  (registers the Baichuan classes with the Auto factories)
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: tokenizer does not load ({str(e).splitlines()[0][:200]}); the folder needs its "
-                        "tokenizer files (tokenizer.model or tokenizer.json + tokenizer_config.json)") from e
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"{path}: tokenizer has no eos token; training needs one to end replies")
-    return tokenizer
-
-
 def load_model(args: argparse.Namespace, device: Any, compute_dtype: Any, tokenizer: Any) -> tuple[Any, dict]:
     """Base model for the chosen mode, wrapped with LoRA where asked; returns (model, report)."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"device_map": {"": device}}
     if args.train_mode == "qlora":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype)
+        kwargs["quantization_config"] = loading.nf4_config(compute_dtype)
         kwargs["dtype"] = compute_dtype
     else:
         kwargs["dtype"] = compute_dtype if args.train_mode == "lora" else torch.float32
@@ -199,7 +162,7 @@ def wrap_lora(model: Any, args: argparse.Namespace, resized: bool) -> tuple[Any,
 
 def lora_targets(model: Any, spec: str) -> list[str]:
     if spec == "all-linear":
-        return utils.find_all_linear_names(model)
+        return loading.find_all_linear_names(model)
     return [t.strip() for t in spec.split(",") if t.strip()]
 
 
@@ -407,7 +370,7 @@ def evaluate(engine: Any, dataset: Any, collator: Any, batch_size: int, device: 
 # ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    utils.check_model_dir(args.model_name_or_path, TRAIN_MODEL_HINT)
+    loading.check_model_dir(args.model_name_or_path, loading.TRAIN_MODEL_HINT)
     ds_template = load_ds_config(args.ds_file)  # fail fast on a bad config, before loading a model
     if not os.path.isfile(args.train_path):
         raise UserError(f"train file {args.train_path!r} not found; build it with `python data_helper.py`")
@@ -434,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     utils.set_seed(args.seed)
 
     # --- data
-    tokenizer = load_tokenizer(args.model_name_or_path)
+    tokenizer = loading.load_tokenizer(args.model_name_or_path, training=True)
     gen_config = load_generation_config(args.model_name_or_path, GenerationConfig)
     train_ds = utils.Baichuan2PromptDataSet(args.train_path, tokenizer, args.max_len, args.max_src_len,
                                             args.is_skip, gen_config)
@@ -444,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"truncated: {train_ds.truncated}); eval samples: {len(eval_ds) if eval_ds else 0}")
 
     # --- batches and the DeepSpeed config (before the model: a config mistake costs no model load)
-    sampler = utils.LengthGroupedBatchSampler(train_ds.lengths, args.per_device_train_batch_size, world_size,
-                                              rank, args.gradient_accumulation_steps, args.seed)
+    sampler = LengthGroupedBatchSampler(train_ds.lengths, args.per_device_train_batch_size, world_size,
+                                        rank, args.gradient_accumulation_steps, args.seed)
     micro_per_epoch = len(sampler.micro_batches(0))
     steps_per_epoch = micro_per_epoch // args.gradient_accumulation_steps
     total_steps = steps_per_epoch * args.num_train_epochs
@@ -474,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     writer = make_writer(args.output_dir)
     progress = make_progress(total_steps, state["global_step"])
     window = {"loss": 0.0, "micro": 0, "tokens": 0, "padded": 0, "t0": time.perf_counter()}
+    profiler = StepProfiler(device, args.profile)
 
     engine.train()
     for epoch in range(state["epoch"], args.num_train_epochs):
@@ -483,23 +447,30 @@ def main(argv: list[str] | None = None) -> int:
         # which would shift dropout after --resume (the RNG state is restored before this point)
         loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collator,
                             generator=torch.Generator().manual_seed(args.seed + epoch))
+        profiler.lap(None)  # the time since the last step (eval, checkpoint, plots) belongs to no step
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
+            profiler.lap("data")
             loss = engine(**batch).loss
+            profiler.lap("forward")
             engine.backward(loss)
+            profiler.lap("backward")
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
+            profiler.lap("optimizer")
             state["micro_in_epoch"] += 1
             window["loss"] += loss.item()
             window["micro"] += 1
             window["tokens"] += int(batch["attention_mask"].sum())
             window["padded"] += batch["attention_mask"].numel()
+            profiler.lap("other")
             if not boundary:
                 continue
             state["global_step"] += 1
             log_step(state, window, scheduler, writer, progress, args)
             if args.save_model_step and state["global_step"] % args.save_model_step == 0:
                 save_checkpoint(engine, tokenizer, run_config, state, args)
+            profiler.end_step(state["throughput"][-1])
             if args.max_steps and state["global_step"] >= args.max_steps:
                 break
         # --- end of epoch: eval, checkpoint, plot
@@ -520,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         progress.close()
     if writer:
         writer.close()
+    if args.profile and utils.is_rank0():
+        utils.write_json(Path(args.output_dir) / "profile.json", profiler.report(world_size))
     newest = list_checkpoints(args.output_dir)
     print_rank0(f"done: {state['global_step']} optimizer steps; newest checkpoint: {newest[-1][1] if newest else None}")
     return 0
@@ -590,7 +563,7 @@ def log_step(state: dict, window: dict, scheduler: Any, writer: Any, progress: A
     lr = scheduler.get_last_lr()[0] if scheduler is not None else float("nan")
     state["history"]["train"].append((state["global_step"], loss))
     # [step, tokens/s, padding share, non-pad tokens, padded positions, seconds]: enough to re-derive
-    # any aggregate (bench/run.py reads these)
+    # any aggregate (--profile's per-step records reuse the counts)
     state.setdefault("throughput", []).append(
         (state["global_step"], tok_s, pad_share, int(stats[2].item()), int(stats[3].item()), elapsed))
     if writer and state["global_step"] % args.log_steps == 0:
@@ -610,7 +583,7 @@ def write_plots(state: dict, args: argparse.Namespace, ckpt: Path) -> None:
         paths = [Path(args.output_dir) / "loss.png", ckpt / "loss.png"]
         if args.plot_to_images:
             paths.append(Path(utils.IMAGES_DIR) / "loss.png")
-        utils.plot_loss(state["history"], paths, title)
+        plot_loss(state["history"], paths, title)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 #   MODEL=/models/Baichuan2-7B-Chat NUM_GPUS=8 bash train.sh
 #   MODEL=... OUTPUT_DIR=output/run2 EPOCHS=2 HOSTFILE=hostfile bash train.sh   # several machines
 #   STAGES=train bash train.sh                       # only train (default: train,merge,eval)
+#   bash train.sh --print                            # print the resolved train.py command line; run nothing
 #
 # Stages: train (train.py under the deepspeed launcher) -> merge (merge_params.py on the newest
 # checkpoint) -> eval (predict.py scores the untuned base and the merged model on $TEST_PATH and
@@ -14,6 +15,12 @@
 # (any variable you set yourself still wins). Extra train.py flags: EXTRA_ARGS="--resume".
 set -euo pipefail
 cd "$(dirname "$0")"
+PRINT=0
+case "${1:-}" in
+  --print) PRINT=1 ;;
+  "") ;;
+  *) echo "error: train.sh takes no arguments but --print (set the recipe through variables, e.g. EPOCHS=2 bash train.sh)" >&2; exit 2 ;;
+esac
 ENV_SET=" $(env | cut -d= -f1 | tr '\n' ' ') "   # variables the caller set (they beat any default)
 
 # --- the recipe --------------------------------------------------------------------------------
@@ -56,13 +63,46 @@ ENV_SET=" $(env | cut -d= -f1 | tr '\n' ' ') "   # variables the caller set (the
 TINY_SETTINGS="OUTPUT_DIR=output/tiny-qlora OVERWRITE_OUTPUT_DIR=1 BATCH_SIZE=16 GRAD_ACCUM=1 LR=2e-3 EPOCHS=3
   WARMUP_RATIO=0.06 WEIGHT_DECAY=0.0 LORA_DROPOUT=0.05 MODULES_TO_SAVE=embed_tokens,lm_head GRADIENT_CHECKPOINTING=0"
 if [ ! -f "$MODEL/config.json" ]; then
-  echo "train.sh: $MODEL not found (no config.json); training the embedded tiny default $TINY_MODEL with CPU-sized settings"
+  [ "$PRINT" = 1 ] || echo "train.sh: $MODEL not found (no config.json); training the embedded tiny default $TINY_MODEL with CPU-sized settings"
   MODEL=$TINY_MODEL
-  python -m baichuan.build_default --out "$MODEL" $BUILD_ARGS  # returns at once when up to date
+  [ "$PRINT" = 1 ] || python tools/build_default.py --out "$MODEL" $BUILD_ARGS  # returns at once when up to date
   for kv in $TINY_SETTINGS; do
     case "$ENV_SET" in *" ${kv%%=*} "*) ;; *) eval "$kv" ;; esac
   done
 fi
+
+TRAIN_CMD=(deepspeed --num_gpus "$NUM_GPUS" ${HOSTFILE:+--hostfile "$HOSTFILE"} --master_port "$MASTER_PORT" train.py
+  --model_name_or_path "$MODEL"
+  --train_path "$TRAIN_PATH"
+  --test_path "$TEST_PATH"
+  --output_dir "$OUTPUT_DIR"
+  --train_mode "$TRAIN_MODE"
+  --per_device_train_batch_size "$BATCH_SIZE"
+  --gradient_accumulation_steps "$GRAD_ACCUM"
+  --max_len "$MAX_LEN"
+  --max_src_len "$MAX_SRC_LEN"
+  --learning_rate "$LR"
+  --weight_decay "$WEIGHT_DECAY"
+  --num_train_epochs "$EPOCHS"
+  --warmup_ratio "$WARMUP_RATIO"
+  --lora_dim "$LORA_R"
+  --lora_alpha "$LORA_ALPHA"
+  --lora_dropout "$LORA_DROPOUT"
+  --modules_to_save "$MODULES_TO_SAVE"
+  --ds_file "$DS_FILE"
+  --seed "$SEED"
+  --save_model_step "$SAVE_MODEL_STEP"
+  --is_skip)
+[ "$GRADIENT_CHECKPOINTING" = 1 ] && TRAIN_CMD+=(--gradient_checkpointing)
+[ "$PLOT_TO_IMAGES" = 1 ] && TRAIN_CMD+=(--plot_to_images)
+[ "$OVERWRITE_OUTPUT_DIR" = 1 ] && TRAIN_CMD+=(--overwrite_output_dir)
+# shellcheck disable=SC2206  # EXTRA_ARGS is a list of flags, split on spaces on purpose
+TRAIN_CMD+=($EXTRA_ARGS)
+if [ "$PRINT" = 1 ]; then  # one line, shell-quoted: what the train stage would run in this environment
+  printf '%q ' "${TRAIN_CMD[@]}" | sed 's/ $//'; echo
+  exit 0
+fi
+
 # The default data files are rebuilt every run (0.3 s, deterministic): they follow the shipped data.
 if [ "$TRAIN_PATH" = data/train.json ] && [ "$TEST_PATH" = data/test.json ]; then python data_helper.py; fi
 
@@ -73,32 +113,7 @@ newest_checkpoint() {  # highest step among complete checkpoints (folders appear
 T0=$SECONDS
 
 if has_stage train; then
-  [ "$OVERWRITE_OUTPUT_DIR" = 1 ] && EXTRA_ARGS="$EXTRA_ARGS --overwrite_output_dir"
-  deepspeed --num_gpus "$NUM_GPUS" ${HOSTFILE:+--hostfile "$HOSTFILE"} --master_port "$MASTER_PORT" train.py \
-    --model_name_or_path "$MODEL" \
-    --train_path "$TRAIN_PATH" \
-    --test_path "$TEST_PATH" \
-    --output_dir "$OUTPUT_DIR" \
-    --train_mode "$TRAIN_MODE" \
-    --per_device_train_batch_size "$BATCH_SIZE" \
-    --gradient_accumulation_steps "$GRAD_ACCUM" \
-    --max_len "$MAX_LEN" \
-    --max_src_len "$MAX_SRC_LEN" \
-    --learning_rate "$LR" \
-    --weight_decay "$WEIGHT_DECAY" \
-    --num_train_epochs "$EPOCHS" \
-    --warmup_ratio "$WARMUP_RATIO" \
-    --lora_dim "$LORA_R" \
-    --lora_alpha "$LORA_ALPHA" \
-    --lora_dropout "$LORA_DROPOUT" \
-    --modules_to_save "$MODULES_TO_SAVE" \
-    --ds_file "$DS_FILE" \
-    --seed "$SEED" \
-    --save_model_step "$SAVE_MODEL_STEP" \
-    $([ "$GRADIENT_CHECKPOINTING" = 1 ] && echo --gradient_checkpointing) \
-    --is_skip \
-    $([ "$PLOT_TO_IMAGES" = 1 ] && echo --plot_to_images) \
-    $EXTRA_ARGS
+  "${TRAIN_CMD[@]}"
   echo "train.sh: training took $((SECONDS - T0))s"
 fi
 

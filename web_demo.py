@@ -30,6 +30,7 @@ from typing import Any
 import gradio as gr
 
 import utils
+from roleplay import generation, loading
 
 Message = dict[str, str]  # {"role": "user"|"assistant", "content": str}
 
@@ -90,7 +91,7 @@ def build_messages(role: str, history: Sequence[Any] | None, user_text: str,
 
 
 def generation_overrides(max_new_tokens: float, top_p: float, temperature: float) -> dict[str, Any]:
-    """Slider values -> `utils.generation_config_for` overrides, clamped to the sliders' ranges
+    """Slider values -> `generation.generation_config_for` overrides, clamped to the sliders' ranges
     (a client can send anything through the API)."""
     return {
         "max_new_tokens": int(min(max(round(max_new_tokens), MAX_NEW_TOKENS_RANGE[0]), MAX_NEW_TOKENS_RANGE[1])),
@@ -127,24 +128,24 @@ class ChatBackend:
     def max_new_tokens_limit(self) -> int:
         """Slider maximum: 2048, but at most half the context window (the rest is the prompt's)."""
         try:
-            context = utils.context_length(self.model)
+            context = generation.context_length(self.model)
         except (utils.UserError, AttributeError):
             return MAX_NEW_TOKENS_RANGE[1]
         return max(1, min(MAX_NEW_TOKENS_RANGE[1], context // 2))
 
     def generation_config(self, max_new_tokens: float, top_p: float, temperature: float) -> Any:
-        return utils.generation_config_for(self.model, **generation_overrides(max_new_tokens, top_p, temperature))
+        return generation.generation_config_for(self.model, **generation_overrides(max_new_tokens, top_p, temperature))
 
     def stream(self, messages: list[Message], generation_config: Any, adapter: bool = True) -> Iterator[str]:
         """Growing reply text; `adapter=False` runs the base model (adapter disabled) — hold `lock`.
 
-        When the consumer stops early (Clear, role switch, closed tab), `utils.chat_stream` is closed in a
+        When the consumer stops early (Clear, role switch, closed tab), `generation.chat_stream` is closed in a
         background thread: its close waits for `generate` to finish, and Gradio closes a cancelled handler
         on its event loop, which must not stall the other sessions.
         """
         toggle = nullcontext() if adapter else self.model.disable_adapter()
         with toggle:
-            replies = utils.chat_stream(self.model, self.tokenizer, messages, generation_config)
+            replies = generation.chat_stream(self.model, self.tokenizer, messages, generation_config)
             finished = False
             try:
                 for text in replies:  # noqa: UP028  (`yield from` would close `replies` here, blocking)
@@ -380,7 +381,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def torch_device(device: str) -> str:
-    """--device value for `utils.load_model_for_inference`: a bare GPU index N becomes cuda:N."""
+    """--device value for `loading.load_model_for_inference`: a bare GPU index N becomes cuda:N."""
     return f"cuda:{device}" if device.isdigit() else device
 
 
@@ -391,7 +392,7 @@ def check_args(args: argparse.Namespace) -> None:
                               "are loaded; train or download the model first)")
     if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
         raise utils.UserError(f"--adapter_dir {args.adapter_dir}: no such local folder")
-    if args.compare and args.adapter_dir is None and not utils.is_adapter_dir(args.model_path):
+    if args.compare and args.adapter_dir is None and not loading.is_adapter_dir(args.model_path):
         raise utils.UserError("--compare needs --adapter_dir (the base is --model_path, the adapter toggles)")
     if args.max_input_chars < 1:
         raise utils.UserError(f"--max_input_chars must be at least 1, got {args.max_input_chars}")
@@ -411,9 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               "use the demo (there is no authentication)", file=sys.stderr, flush=True)
     if args.seed is not None:
         utils.set_seed(args.seed)
-    model, tokenizer = utils.load_model_for_inference(args.model_path, adapter_dir=args.adapter_dir,
-                                                      device=torch_device(args.device), dtype=args.dtype,
-                                                      load_in_4bit=args.load_in_4bit)
+    model, tokenizer = loading.load_model_for_inference(args.model_path, adapter_dir=args.adapter_dir,
+                                                        device=torch_device(args.device), dtype=args.dtype,
+                                                        load_in_4bit=args.load_in_4bit)
     backend = ChatBackend(model, tokenizer, profiles, max_input_chars=args.max_input_chars)
     if args.compare and not backend.has_adapter:
         raise utils.UserError("--compare needs the adapter kept separate (a PeftModel), but the loaded model "

@@ -1,7 +1,7 @@
 """The Baichuan2 chat layout, in one place, and a text streamer for `model.chat(..., stream=True)`.
 
-Layout (spec §4): `[system ids][195][user ids][196][assistant ids][195][user ids][196]` — no BOS, no EOS
-between turns, no separators; the history is cut from the oldest whole round to fit the budget.
+Layout, as Baichuan2-Chat builds its prompts: `[system ids][195][user ids][196][assistant ids][195][user ids][196]`
+— no BOS, no EOS between turns, no separators; the history is cut from the oldest whole round to fit the budget.
 
 Example:
     >>> from baichuan.generation_utils import build_chat_ids
@@ -105,7 +105,7 @@ def build_chat_ids(
     user_token_id: int = USER_TOKEN_ID,
     assistant_token_id: int = ASSISTANT_TOKEN_ID,
 ) -> list[int]:
-    """Token ids of a Baichuan2 chat prompt (spec §4, steps 3–7).
+    """Token ids of a Baichuan2 chat prompt.
 
     - system ids first (no BOS), budget for the history = `max_input_tokens - len(system ids)`;
     - rounds are walked newest -> oldest; each message contributes `user_token_id` (role "user") or

@@ -1,7 +1,7 @@
 """Baichuan2 causal LM for transformers 5: `BaichuanModel` and `BaichuanForCausalLM`.
 
-Written from `shared/docs/baichuan2-architecture.md`. The parts that decide numerical parity with the
-reference implementation:
+An independent implementation of the Baichuan2 architecture (7B: RoPE, 13B: ALiBi) that loads the
+published checkpoints. The parts that decide numerical parity with the reference implementation:
 - the fused `W_pack` projection is split into three contiguous H-sized blocks (q | k | v);
 - RoPE uses half-split ("rotate_half") float32 tables, computed lazily on the device in use (never
   registered buffers, so v5's meta-device construction cannot leave them unmaterialised);

@@ -12,13 +12,14 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TypeVar
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .modeling_baichuan import BaichuanForCausalLM
+# any nn.Module (BaichuanForCausalLM.quantize passes itself): annotated without importing
+# modeling_baichuan, which imports this module
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
 SUPPORTED_BITS = (4, 8)
 SKIP_MODULES = ("lm_head",)
@@ -57,7 +58,7 @@ def _nf4_linear(linear: nn.Linear) -> nn.Module:
     return new.to(device)  # Params4bit quantises on the move to a real device
 
 
-def quantize_model(model: BaichuanForCausalLM, bits: int) -> BaichuanForCausalLM:
+def quantize_model(model: ModelT, bits: int) -> ModelT:
     """Replace the decoder's Linear layers by `bits`-bit bitsandbytes layers, in place; returns `model`.
 
     Raises ValueError for bits other than 4/8 and RuntimeError if the model is already quantised

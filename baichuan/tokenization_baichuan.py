@@ -1,8 +1,9 @@
 """`BaichuanTokenizer`: the slow sentencepiece tokenizer of Baichuan2, for transformers 5.
 
-Behaviour per spec §6: ids come straight from `tokenizer.model`; BOS is added by default when built
-from a vocab file alone (`add_bos_token=True`), while the shipped `tokenizer_config.json` turns it off
-and sets pad to "<unk>"; decoding keeps the reference's spacing quirk around special tokens.
+Behaviour as the reference Baichuan2 tokenizer's: ids come straight from `tokenizer.model`; BOS is
+added by default when built from a vocab file alone (`add_bos_token=True`), while the shipped
+`tokenizer_config.json` turns it off and sets pad to "<unk>"; decoding keeps the reference's spacing
+quirk around special tokens.
 
 Example:
     >>> from baichuan import BaichuanTokenizer

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import utils  # noqa: E402  (after the path setup: runnable as `python bench/load_web_demo.py`)
+from tools.harness import child_env, free_port, wait_until_serving  # noqa: E402
 
 QUESTIONS = ["你好，请问你是谁？", "你会用什么元素？", "今天天气很好，我们一起去吧！", "你喜欢吃什么？",
              "给我讲讲你的故事。", "你最好的朋友是谁？"]
@@ -53,12 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed for role and question choice")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     return p.parse_args(argv)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -103,31 +97,21 @@ class RssSampler(threading.Thread):
 
 def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen, str]:
     """Start web_demo.py on a free loopback port; return (process, url) once it answers HTTP."""
-    import urllib.request
-
     port = free_port()
     cmd = [sys.executable, str(REPO / "web_demo.py"), "--model_path", str(args.model_path), "--desc_path",
            str(args.desc_path), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
            "--concurrency", str(args.server_concurrency)]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1",
-           "GRADIO_ANALYTICS_ENABLED": "False", "TOKENIZERS_PARALLELISM": "false"}
+    env = child_env(threads=int(os.environ.get("OMP_NUM_THREADS", "1")), GRADIO_ANALYTICS_ENABLED="False")
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + args.startup_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"web_demo.py exited ({proc.returncode}) before serving:\n{tail(log_path)}")
-        try:
-            with urllib.request.urlopen(url + "config", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            pass
-        time.sleep(0.3)
-    stop_server(proc)
-    raise RuntimeError(f"web_demo.py did not serve within {args.startup_timeout:.0f}s:\n{tail(log_path)}")
+    try:
+        wait_until_serving(url, proc, args.startup_timeout, log_path)
+    except TimeoutError as e:
+        stop_server(proc)
+        raise RuntimeError(f"web_demo.py: {e}:\n{tail(log_path)}") from e
+    return proc, url
 
 
 def stop_server(proc: subprocess.Popen) -> None:

@@ -6,7 +6,7 @@
   number of lines (default the published 9,158), split in the published files' proportions and with
   their quirks: role-specific `type` a string in train and a list in test, questions with spaces
   around them, general questions with a second part after "\n";
-- `random_tiny_model`: a random tiny Baichuan2 folder (tests/tiny.py), optionally shaped like the
+- `random_tiny_model`: a random tiny Baichuan2 folder (tools/tiny_models.py), optionally shaped like the
   embedded default (hidden 256, intermediate 768, 4 layers).
 
 Text is drawn from the characters of the role system prompt and the tiny test corpus, which both the
@@ -40,7 +40,7 @@ def _char_pool() -> str:
 
     text = utils.SYSTEM_PROMPT_TEMPLATE
     try:
-        from tests.tiny import TINY_CORPUS
+        from tools.tiny_models import TINY_CORPUS
 
         text += TINY_CORPUS
     except ImportError:
@@ -157,7 +157,7 @@ def random_tiny_model(folder: Path, default_shape: bool) -> Path:
     """A random tiny Baichuan2 folder; `default_shape` sizes it like the embedded default."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from tests.tiny import make_tiny_model
+    from tools.tiny_models import make_tiny_model
 
     shape = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4} if default_shape else {}
     return make_tiny_model(folder, seed=0, **shape)

@@ -1,4 +1,4 @@
-"""Session-wide tiny Baichuan2 artefacts shared by every test module (see `tests/tiny.py`).
+"""Session-wide tiny Baichuan2 artefacts shared by every test module (see `tools/tiny_models.py`).
 
 Fixtures:
 - `tiny_tokenizer_dir`: a BaichuanTokenizer folder (tiny sentencepiece model, shipped-style config).
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny import make_tiny_model, make_tiny_tokenizer
+from tools.tiny_models import make_tiny_model, make_tiny_tokenizer
 
 
 @pytest.fixture(scope="session")

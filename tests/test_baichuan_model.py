@@ -1,6 +1,7 @@
-"""BaichuanForCausalLM against the spec (shared/docs/baichuan2-architecture.md), on tiny CPU models.
+"""BaichuanForCausalLM against the Baichuan2 architecture (the parts listed in baichuan/modeling_baichuan.py),
+on tiny CPU models.
 
-Reference values come from independent computations (a naive float64 forward written from the spec,
+Reference values come from independent computations (a naive float64 forward written from the architecture,
 per-sequence runs, manual loss), never from recorded outputs.
 """
 
@@ -19,27 +20,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 import baichuan  # noqa: F401  (registers the Auto classes)
 from baichuan import BaichuanConfig, BaichuanForCausalLM
 from baichuan.modeling_baichuan import CACHE_NAME, NormHead, alibi_slopes
-from tests.tiny import TINY_VOCAB_SIZE, tiny_config
+from tests.helpers import ATOL, left_pad, random_ids, random_model
+from tools.tiny_models import tiny_config
 
-ATOL = 1e-4  # the spec's fp32 tolerance
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 
-def random_model(position_embedding: str = "rope", seed: int = 0, **overrides) -> BaichuanForCausalLM:
-    """A tiny fp32 model with larger-than-default weights, so attention is sharp enough for a wrong
-    rotation, split or mask to move the logits well beyond the tolerance."""
-    torch.manual_seed(seed)
-    config = tiny_config(position_embedding=position_embedding, initializer_range=0.15, **overrides)
-    return BaichuanForCausalLM(config).eval()
-
-
-def random_ids(batch: int, length: int, seed: int = 1, vocab: int = TINY_VOCAB_SIZE) -> torch.LongTensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (batch, length), generator=g)
-
-
 # ---------------------------------------------------------------------------------------------
-# Naive float64 forward, written straight from the spec (loops over heads and positions)
+# Naive float64 forward, written straight from the architecture (loops over heads and positions)
 # ---------------------------------------------------------------------------------------------
 def naive_logits(model: BaichuanForCausalLM, input_ids: torch.LongTensor) -> torch.Tensor:
     cfg = model.config
@@ -180,16 +168,6 @@ def test_incremental_decoding_matches_full_forward(position_embedding: str) -> N
         out = model(ids[:, 5:], cache=legacy, use_cache=True)
         assert isinstance(getattr(out, CACHE_NAME), tuple) and getattr(out, CACHE_NAME)[0][0].shape[2] == 12
         assert (out.logits - full[:, 5:]).abs().max().item() < ATOL
-
-
-def left_pad(seqs: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, width - len(s):] = s
-        mask[row, width - len(s):] = 1
-    return ids, mask
 
 
 @pytest.mark.parametrize("position_embedding", ["rope", "alibi"])

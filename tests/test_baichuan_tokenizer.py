@@ -1,5 +1,5 @@
-"""BaichuanTokenizer against spec §6, using the tiny sentencepiece model; expected ids and text are
-computed with sentencepiece directly."""
+"""BaichuanTokenizer against the reference tokenizer's behaviour, using the tiny sentencepiece model;
+expected ids and text are computed with sentencepiece directly."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 import baichuan  # noqa: F401  (registers the Auto classes)
 from baichuan import BaichuanTokenizer
-from tests.tiny import ASSISTANT_TOKEN, ASSISTANT_TOKEN_ID, USER_TOKEN, USER_TOKEN_ID
+from tools.tiny_models import ASSISTANT_TOKEN, ASSISTANT_TOKEN_ID, USER_TOKEN, USER_TOKEN_ID
 
 TEXTS = ["你好，我是孙悟空，齐天大圣。", "Hello world! 12345", "两个  空格\n换行 and 😀 emoji", "刻晴会用什么元素？"]
 

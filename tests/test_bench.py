@@ -1,8 +1,10 @@
-"""bench/run.py: a smoke test of `--quick` (every section runs and the table is written; no timing
-assertions) and checks of the pure bookkeeping that turns logs into figures."""
+"""bench/run.py: its training commands are train.sh's (plus only the declared bench flags), train.py's
+--profile leaves training unchanged, a smoke test of `--quick` (every section runs and every row has
+a figure; no timing assertions), and the bookkeeping that turns profile.json into figures."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +12,77 @@ from pathlib import Path
 import pytest
 
 from bench import run as bench_run  # the repo root is on sys.path (pyproject: pythonpath = ["."])
+from bench.synth import synth_train_records, write_jsonl
+from tools.harness import child_env, free_port
+from tools.recipe import train_command
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def without(cmd: list[str], flags: dict[str, str | bool]) -> list[str]:
+    """`cmd` less every flag of `flags` (and the value after each valued one)."""
+    out, i = [], 0
+    while i < len(cmd):
+        if cmd[i] in flags:
+            i += 1 if isinstance(flags[cmd[i]], bool) else 2
+        else:
+            out.append(cmd[i])
+            i += 1
+    return out
+
+
+@pytest.mark.parametrize("variant", list(bench_run.VARIANTS))
+@pytest.mark.parametrize("recipe", ["tiny", "real"])
+def test_train_command_is_train_sh_print_plus_bench_flags(tmp_path: Path, recipe: str, variant: str) -> None:
+    model = tmp_path / "model"
+    if recipe == "real":  # train.sh takes a folder with a config.json for real weights
+        model.mkdir()
+        (model / "config.json").write_text("{}")
+    s = bench_run.Settings(model=str(model), train_path=str(tmp_path / "train.json"), recipe=recipe, work=tmp_path,
+                           steps=4, warmup=1, variants=(variant,))
+    env = {**bench_run.recipe_env(s, variant), "MASTER_PORT": "12345"}
+    printed = train_command(env)
+    flags = bench_run.bench_flags(tmp_path / "out", 5)
+    for launcher in ("deepspeed", "python"):
+        cmd = bench_run.train_py_command(env, tmp_path / "out", 5, launcher)
+        if launcher == "deepspeed":
+            assert Path(cmd[0]).name == "deepspeed"  # train.sh's launcher, with its arguments
+            assert without(cmd[1:], flags) == without(printed[1:], flags)
+        else:
+            assert cmd[0] == sys.executable and without(cmd[1:], flags) == without(printed[printed.index("train.py"):],
+                                                                                   flags)
+        for flag, value in flags.items():
+            if isinstance(value, bool):
+                assert (flag in cmd) is value, flag
+            else:
+                assert cmd[cmd.index(flag) + 1] == value and cmd.count(flag) == 1, flag
+    args = printed[printed.index("train.py") + 1:]
+    assert bench_run.arg_value(args, "--model_name_or_path") == str(model)
+    assert bench_run.arg_value(args, "--modules_to_save") == (
+        "embed_tokens,lm_head" if recipe == "tiny" and variant != "lora-only" else "")
+    assert bench_run.arg_value(args, "--train_mode") == {"lora": "lora", "full": "full"}.get(variant, "qlora")
+
+
+def test_profile_leaves_training_unchanged(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "train.json", synth_train_records(24, seed=0, scale=0.2))
+    base = [sys.executable, "train.py", "--model_name_or_path", str(tiny_model_dir), "--train_path", str(data),
+            "--test_path", "", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+            "--max_steps", "2", "--is_skip", "--lora_dropout", "0.1"]
+    histories = []
+    for name, extra in (("plain", []), ("profiled", ["--profile"])):
+        out = tmp_path / name
+        proc = subprocess.run([*base, "--output_dir", str(out), *extra], cwd=REPO, env=child_env(free_port()),
+                              capture_output=True, text=True, check=False, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        histories.append(json.loads(next(out.glob("epoch-*/trainer_state.json")).read_text())["history"])
+    assert histories[0] == histories[1]  # the same losses, bit for bit
+    assert not (tmp_path / "plain" / "profile.json").exists()
+    profile = json.loads((tmp_path / "profiled" / "profile.json").read_text())
+    assert profile["phases"] == list(bench_run.PHASES) and profile["world_size"] == 1
+    assert [st["step"] for st in profile["steps"]] == [1, 2]
+    for st in profile["steps"]:
+        assert st["seconds"] == pytest.approx(sum(st[ph] for ph in bench_run.PHASES))
+        assert 0 < st["tokens"] <= st["positions"]
 
 
 def test_quick_run_writes_every_section(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -22,26 +93,37 @@ def test_quick_run_writes_every_section(tmp_path: Path, tiny_model_dir: Path) ->
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = out.read_text(encoding="utf-8")
     assert "FAILED" not in report
-    for needle in ("## Results", "| train | QLoRA tokens/s", "| train | padding share, whole epoch",
+    for needle in ("## Results", "| train | QLoRA non-padding tokens/s", "| train | padding share, whole epoch",
                    "| memory | resident weights, decoder linear layers only", "| memory | peak RSS",
                    "| generation | decode tokens/s", "| generation | time to first streamed token",
-                   "| generation | utils.generate_batch", "| data | data_helper.py", "| gpu |",
-                   "where the time goes", "- command: `python bench/run.py --quick", "torch "):
+                   "| generation | generation.generate_batch", "| data | data_helper.py", "| gpu |",
+                   "where the time goes", "- command: `python bench/run.py --quick", "torch ",
+                   "bash train.sh --print", "train.py command (qlora): `"):
         assert needle in report, needle
+    table = report.split("## Results")[1].split("\n\n")[1].splitlines()[2:]
+    assert table and all(row.split("|")[3].strip() for row in table), table  # every row has a figure
     assert "## Results" in proc.stdout  # the table is printed too
 
 
-def test_train_py_steps_read_logged_counts() -> None:
-    # train.py logs [step, tokens/s, padding share, tokens, padded positions, seconds] per step
-    entries = [[1, 50.0, 0.5, 10, 20, 0.2], [2, 200.0, 0.25, 30, 40, 0.15], [3, 300.0, 0.0, 60, 60, 0.2]]
-    steps = bench_run.train_py_steps(entries, warmup=1)
-    assert steps == [{"tokens": 30, "positions": 40, "seconds": 0.15}, {"tokens": 60, "positions": 60,
-                                                                          "seconds": 0.2}]
-    summary = bench_run.phase_summary(steps)
-    assert summary["tok_s"] == pytest.approx(90 / 0.35)
+def test_measured_steps_and_summary() -> None:
+    steps = [{"step": 1, "seconds": 0.2, "tokens": 10, "positions": 20, "data": 0.1, "forward": 0.05,
+              "backward": 0.04, "optimizer": 0.01, "other": 0.0},
+             {"step": 2, "seconds": 0.15, "tokens": 30, "positions": 40, "data": 0.01, "forward": 0.06,
+              "backward": 0.05, "optimizer": 0.02, "other": 0.01},
+             {"step": 3, "seconds": 0.2, "tokens": 60, "positions": 60, "data": 0.02, "forward": 0.08,
+              "backward": 0.07, "optimizer": 0.02, "other": 0.01}]
+    summary = bench_run.summary(steps, warmup=1)
+    assert summary["n"] == 2 and summary["tok_s"] == pytest.approx(90 / 0.35)
     assert summary["pad"] == pytest.approx(1 - 90 / 100)
-    with pytest.raises(RuntimeError, match="no step after"):
-        bench_run.train_py_steps(entries, warmup=3)
+    assert summary["forward"] == pytest.approx(0.07) and summary["other"] == pytest.approx(0.01)
+    with pytest.raises(RuntimeError, match="no training step recorded after"):
+        bench_run.summary(steps, warmup=3)
+
+
+def test_with_flags_replaces_appends_and_removes() -> None:
+    args = ["--a", "1", "--plot_to_images", "--b", "x"]
+    assert bench_run.with_flags(args, {"--a": "2", "--c": "", "--plot_to_images": False, "--profile": True}) == [
+        "--a", "2", "--b", "x", "--c", "", "--profile"]
 
 
 def test_unknown_section_is_a_usage_error() -> None:

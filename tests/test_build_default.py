@@ -1,4 +1,4 @@
-"""Tests for baichuan/build_default.py's bookkeeping (the build itself runs in test_e2e.py):
+"""Tests for tools/build_default.py's bookkeeping (the build itself runs in test_e2e.py):
 when a built default is reused or rebuilt, and what its tokenizer may learn from."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import utils
-from baichuan import build_default
+from tools import build_default
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,6 +32,11 @@ def test_a_default_from_the_same_inputs_is_reused_and_a_stale_one_rebuilt(tmp_pa
     assert build_default.up_to_date(out, "abc")
     assert not build_default.up_to_date(out, "def")
     assert "rebuilding" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("built_by", [build_default.BUILT_BY, *build_default.LEGACY_BUILT_BY])
+def test_defaults_built_before_and_after_the_move_to_tools_are_both_recognised(tmp_path, built_by):
+    assert build_default.up_to_date(built_default(tmp_path / "m", "abc", built_by), "abc")
 
 
 @pytest.mark.parametrize("stamp, built_by", [(None, ""), ("abc", "someone else")])

@@ -1,5 +1,5 @@
-"""The Baichuan2 chat prompt (spec §4) and `model.chat`: ids in the right places, history truncation,
-no forged turn markers. Expected ids are assembled by hand from sentencepiece encodings."""
+"""The Baichuan2 chat prompt (layout in baichuan/generation_utils.py) and `model.chat`: ids in the right
+places, history truncation, no forged turn markers. Expected ids are assembled by hand from sentencepiece encodings."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 import baichuan  # noqa: F401  (registers the Auto classes)
 from baichuan import BaichuanTokenizer, build_chat_ids, build_chat_input
 from baichuan.generation_utils import control_token_ids, encode_content
-from tests.tiny import ASSISTANT_TOKEN_ID as A
-from tests.tiny import USER_TOKEN_ID as U
+from tools.tiny_models import ASSISTANT_TOKEN_ID as A
+from tools.tiny_models import USER_TOKEN_ID as U
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 

@@ -1,4 +1,9 @@
-"""Tests for data_helper.py: every input is a small fixture written to a tmp dir by the tests."""
+"""Tests for data_helper.py: every input is a small fixture written to a tmp dir by the tests (the input
+folder of tests/helpers.py, or the published-format files in tests/fixtures/).
+
+Bad input is checked here in-process, through `data_helper.main`; the script run as a subprocess on bad
+input is in the table of tests/test_bad_inputs.py.
+"""
 
 from __future__ import annotations
 
@@ -13,117 +18,38 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import (
+    GENERAL_TEST,
+    GENERAL_TRAIN,
+    ROLEBENCH_PROFILES,
+    SPECIFIC_TEST,
+    TABLE,
+    TEMPLATES,
+    data_helper_argv,
+    make_inputs,
+    make_rolebench,
+    rolebench_path,
+)
+from tools.harness import dump_jsonl
+
 # the scripts live in the repo root, not in a package: import them from there whatever the cwd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 data_helper = importlib.import_module("data_helper")
+attributes = importlib.import_module("roleplay.attributes")
 utils = importlib.import_module("utils")
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # small files in the published formats, with their quirks
 
-PROFILES = {
-    "孙悟空": "美猴王，齐天大圣，说话豪爽",
-    "李白": "唐代诗人，好饮酒。",
-    "皇帝": "雍正皇帝",
-    "赵子龙": "常山赵子龙",  # has a profile, no RoleBench data
-}
-
-GENERAL_TRAIN = [
-    {"role": "孙悟空", "question": "编辑以下句子：我去了商店。",
-     "generated": ["俺老孙改好了：我去了商店。", "俺老孙说：好！"]},
-    {"role": "孙悟空", "question": "写一首关于月亮的诗。", "generated": ["月儿弯弯挂天边", "月亮", "第三个回答"]},
-    {"role": "李白", "question": "写一首关于月亮的诗。", "generated": ["床前明月光"]},
-    {"role": "皇帝", "question": "给出三个水果。", "generated": ["苹果、香蕉、橘子，朕都爱吃。"]},
-]
-GENERAL_TEST = [
-    {"role": "李白", "question": "编辑以下句子：我去了商店。", "generated": ["我去了商店，饮酒一杯。", "改好了"]},
-    {"role": "孙悟空", "question": "今天天气如何？", "generated": ["晴空万里！"]},
-]
-SPECIFIC_TRAIN = [
-    {"role": "皇帝", "question": "皇上，您今天批了多少奏折？", "generated": ["朕批了一百本。"], "type": "script_based"},
-    {"role": "孙悟空", "question": "大圣，你的金箍棒有多重？", "generated": ["一万三千五百斤！"],
-     "type": "script_based"},
-]
-SPECIFIC_TEST = [
-    {"role": "皇帝", "question": "皇上，年羹尧该如何处置？", "generated": ["朕自有分寸。"], "type": "script_based"},
-]
-FILES = {
-    ("general", "train"): GENERAL_TRAIN,
-    ("general", "test"): GENERAL_TEST,
-    ("role_specific", "train"): SPECIFIC_TRAIN,
-    ("role_specific", "test"): SPECIFIC_TEST,
-}
-
-TABLE = {
-    "attributes": ["性别", "元素力"],
-    "characters": {
-        "刻晴": {"性别": "女", "元素力": "雷"},
-        "钟离": {"性别": "男", "元素力": "岩"},
-        "派蒙": {"性别": "女", "元素力": None},  # unknown: no records for it
-    },
-}
-TEMPLATES = {
-    "性别": {
-        "train": ["{name}是男是女？", "{name}的性别是什么？"],
-        "heldout": ["请问{name}是男性还是女性？"],
-        "novel": ["说说{name}的性别。"],
-        "answer": ["{name}是{value}性。", "{value}。"],
-    },
-    "元素力": {
-        "train": ["{name}用什么元素？", "{name}的元素力是什么？", "{name}的神之眼是什么元素？"],
-        "heldout": ["{name}掌握哪种元素力？"],
-        "novel": ["告诉我{name}的元素。"],
-        "answer": ["{name}的元素力是{value}。", "是{value}元素。", "{value}"],
-    },
-}
-
 
 # ---------------------------------------------------------------------------------------------
-# Fixture builders
+# Fixture builders (the input folder itself: tests/helpers.py)
 # ---------------------------------------------------------------------------------------------
-def dump_jsonl(path: Path, records: list) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-def rolebench_path(root: Path, layout: str, kind: str, split: str) -> Path:
-    if layout == "flat":
-        return root / f"rolebench-zh_{kind}_{split}.jsonl"
-    return root / "rolebench-zh" / kind / f"{split}.jsonl"
-
-
-def make_rolebench(root: Path, layout: str = "flat", files: dict | None = None) -> Path:
-    for (kind, split), records in (FILES if files is None else files).items():
-        dump_jsonl(rolebench_path(root, layout, kind, split), records)
-    return root
-
-
-def make_inputs(tmp_path: Path, layout: str = "flat", files: dict | None = None, attributes: bool = True) -> dict:
-    """A full set of inputs in tmp_path; returns the paths the CLI needs."""
-    data = make_rolebench(tmp_path / "data", layout, files)
-    profiles = tmp_path / "profiles.json"
-    profiles.write_text(json.dumps(PROFILES, ensure_ascii=False), encoding="utf-8")
-    table = tmp_path / "attributes.json"
-    table.write_text(json.dumps(TABLE, ensure_ascii=False), encoding="utf-8")
-    templates = tmp_path / "templates.json"
-    templates.write_text(json.dumps(TEMPLATES, ensure_ascii=False), encoding="utf-8")
-    return {"data_dir": data, "profiles": profiles, "attributes": table if attributes else "",
-            "templates": templates, "output_dir": tmp_path / "out"}
-
-
-def argv(paths: dict, *extra: str) -> list[str]:
-    args = []
-    for key in ("data_dir", "profiles", "attributes", "templates", "output_dir"):
-        args += [f"--{key}", str(paths[key])]
-    return args + list(extra)
-
-
 def read_out(paths: dict, name: str) -> list[dict]:
     return [r for _, r in utils.read_jsonl(Path(paths["output_dir"]) / name)]
 
 
 def run_ok(paths: dict, *extra: str) -> tuple[list[dict], list[dict]]:
-    assert data_helper.main(argv(paths, *extra)) == 0
+    assert data_helper.main(data_helper_argv(paths, *extra)) == 0
     return read_out(paths, "train.json"), read_out(paths, "test.json")
 
 
@@ -134,7 +60,7 @@ def test_both_layouts_give_identical_files(tmp_path):
     outputs = []
     for layout in ("flat", "published"):
         paths = make_inputs(tmp_path / layout, layout)
-        assert data_helper.main(argv(paths)) == 0
+        assert data_helper.main(data_helper_argv(paths)) == 0
         outputs.append([(paths["output_dir"] / n).read_bytes() for n in ("train.json", "test.json")])
     assert outputs[0] == outputs[1]
 
@@ -151,7 +77,7 @@ def test_rolebench_record_fields_and_system_prompt(tmp_path):
     paths = make_inputs(tmp_path, attributes=False)
     train, test = run_ok(paths)
     for r in train + test:
-        assert r["instruction"] == utils.build_system_prompt(r["role"], PROFILES[r["role"]])
+        assert r["instruction"] == utils.build_system_prompt(r["role"], ROLEBENCH_PROFILES[r["role"]])
         assert r["source"] in ("rolebench_general", "rolebench_role_specific")
         assert r["input"] and r["output"]
     assert {r["split"] for r in train} == {"train"} and {r["split"] for r in test} == {"test"}
@@ -181,7 +107,7 @@ def test_max_replies_limits_train_references(tmp_path, max_replies, expected, ca
 
 def test_max_replies_must_be_positive(tmp_path, capsys):
     paths = make_inputs(tmp_path, attributes=False)
-    assert data_helper.main(argv(paths, "--max_replies", "0")) == 2
+    assert data_helper.main(data_helper_argv(paths, "--max_replies", "0")) == 2
     assert "--max_replies" in capsys.readouterr().err
 
 
@@ -214,7 +140,7 @@ def test_roles_filter_applies_to_rolebench_only(tmp_path):
 
 def test_requested_role_without_profile_is_an_error(tmp_path, capsys):
     paths = make_inputs(tmp_path, attributes=False)
-    assert data_helper.main(argv(paths, "--roles", "李白,猪八戒")) == 2
+    assert data_helper.main(data_helper_argv(paths, "--roles", "李白,猪八戒")) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "猪八戒" in err and str(paths["profiles"]) in err
     assert not paths["output_dir"].exists()
@@ -258,7 +184,7 @@ def test_byte_identical_twice_and_seed_changes_order(tmp_path):
     blobs = []
     for i, seed in enumerate(("42", "42", "7")):
         out = tmp_path / f"out{i}"
-        assert data_helper.main(argv({**paths, "output_dir": out}, "--seed", seed)) == 0
+        assert data_helper.main(data_helper_argv({**paths, "output_dir": out}, "--seed", seed)) == 0
         blobs.append(((out / "train.json").read_bytes(), (out / "test.json").read_bytes()))
     assert blobs[0] == blobs[1]
     assert blobs[0][0] != blobs[2][0]
@@ -324,7 +250,7 @@ def test_a_test_phrasing_also_in_train_is_an_error(tmp_path, capsys):
     paths = make_inputs(tmp_path)
     leaky = {**TEMPLATES, "元素力": {**TEMPLATES["元素力"], "novel": ["告诉我{name}的元素。", "{name}用什么元素？"]}}
     paths["templates"].write_text(json.dumps(leaky, ensure_ascii=False), encoding="utf-8")
-    assert data_helper.main(argv(paths)) == 2
+    assert data_helper.main(data_helper_argv(paths)) == 2
     err = capsys.readouterr().err
     assert str(paths["templates"]) in err and "元素力.novel" in err and "{name}用什么元素？" in err
 
@@ -334,7 +260,7 @@ def test_a_test_phrasing_equal_to_train_up_to_punctuation_is_an_error(tmp_path, 
     paths = make_inputs(tmp_path)
     leaky = {**TEMPLATES, "元素力": {**TEMPLATES["元素力"], "train": ["{name}用什么元素？"], "dev": [test_phrasing]}}
     paths["templates"].write_text(json.dumps(leaky, ensure_ascii=False), encoding="utf-8")
-    assert data_helper.main(argv(paths)) == 2
+    assert data_helper.main(data_helper_argv(paths)) == 2
     err = capsys.readouterr().err
     assert "元素力.dev" in err and test_phrasing in err and "{name}用什么元素？" in err
 
@@ -347,7 +273,7 @@ def test_a_test_phrasing_equal_to_train_up_to_punctuation_is_an_error(tmp_path, 
     ("{name}吗是男的", "{name}是男的", False),            # only sentence-final particles go
 ])
 def test_template_key_ignores_only_punctuation_and_final_particles(a, b, same):
-    assert (data_helper.template_key(a) == data_helper.template_key(b)) is same
+    assert (attributes.template_key(a) == attributes.template_key(b)) is same
 
 
 def test_shipped_test_phrasings_share_no_template_with_training():
@@ -355,10 +281,10 @@ def test_shipped_test_phrasings_share_no_template_with_training():
     and the test file carries every test set."""
     templates = json.loads((Path(data_helper.__file__).parent / data_helper.TEMPLATES_PATH).read_text("utf-8"))
     for attr, entry in templates.items():
-        train = {data_helper.template_key(t) for t in entry["train"]}
+        train = {attributes.template_key(t) for t in entry["train"]}
         for test_set in data_helper.TEST_TEMPLATE_SETS:
             assert entry[test_set], (attr, test_set)
-            assert not train & {data_helper.template_key(t) for t in entry[test_set]}, (attr, test_set)
+            assert not train & {attributes.template_key(t) for t in entry[test_set]}, (attr, test_set)
 
 
 def test_placeholders_are_filled_in_one_pass():
@@ -449,7 +375,7 @@ def test_bad_record_exits_2_with_one_line_and_leaves_outputs_alone(tmp_path, cap
     out_dir = paths["output_dir"]
     out_dir.mkdir()
     (out_dir / "train.json").write_text("old train\n")
-    assert data_helper.main(argv(paths)) == 2
+    assert data_helper.main(data_helper_argv(paths)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {target}:3: ")
     assert what in err and "; " in err and "Traceback" not in err
@@ -491,7 +417,7 @@ def test_a_failed_write_leaves_both_outputs_untouched(tmp_path, monkeypatch):
         return real_write(self, data)
 
     monkeypatch.setattr(Path, "write_bytes", failing_write)
-    assert data_helper.main(argv(paths)) == 2
+    assert data_helper.main(data_helper_argv(paths)) == 2
     assert calls == ["train.json", "test.json"]
     assert sorted(p.name for p in out.iterdir()) == ["test.json", "train.json"]  # no temp dirs left behind
     assert [(out / n).read_text() for n in ("train.json", "test.json")] == ["old train.json\n", "old test.json\n"]
@@ -528,7 +454,7 @@ def test_missing_or_broken_files_exit_2(tmp_path, capsys, setup, needle):
         paths["templates"] = tmp_path / "nope.json"
     else:
         paths["templates"].write_bytes("{\"性别\": 1}".encode("gbk"))
-    assert data_helper.main(argv(paths, "--skip_bad")) == 2  # files, not records: --skip_bad does not apply
+    assert data_helper.main(data_helper_argv(paths, "--skip_bad")) == 2  # files, not records: --skip_bad does not apply
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and needle in err
     assert not paths["output_dir"].exists()
@@ -538,7 +464,7 @@ def test_defaults_work_from_the_repo_root(tmp_path, monkeypatch, capsys):
     """No flags: everything is read from data/ and written to data/ (default file names)."""
     monkeypatch.chdir(tmp_path)
     make_rolebench(tmp_path / "data")
-    (tmp_path / utils.PROFILES_PATH).write_text(json.dumps(PROFILES, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / utils.PROFILES_PATH).write_text(json.dumps(ROLEBENCH_PROFILES, ensure_ascii=False), encoding="utf-8")
     (tmp_path / utils.ATTRIBUTES_PATH).write_text(json.dumps(TABLE, ensure_ascii=False), encoding="utf-8")
     (tmp_path / data_helper.TEMPLATES_PATH).write_text(json.dumps(TEMPLATES, ensure_ascii=False), encoding="utf-8")
     assert data_helper.main([]) == 0
@@ -552,7 +478,8 @@ def test_profiles_default_falls_back_to_the_published_profiles(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)  # no data/profiles-zh_desc.json here
     root = make_rolebench(tmp_path / "RoleBench", "published")
     (root / "profiles-zh").mkdir()
-    (root / "profiles-zh" / "desc.json").write_text(json.dumps(PROFILES, ensure_ascii=False), encoding="utf-8")
+    (root / "profiles-zh" / "desc.json").write_text(json.dumps(ROLEBENCH_PROFILES, ensure_ascii=False),
+                                                    encoding="utf-8")
     assert data_helper.main(["--data_dir", str(root), "--attributes", "", "--output_dir", "out"]) == 0
     assert f"profiles: {root / 'profiles-zh' / 'desc.json'}" in capsys.readouterr().out
 
@@ -560,14 +487,10 @@ def test_profiles_default_falls_back_to_the_published_profiles(tmp_path, monkeyp
 def test_main_cli_runs_as_a_script(tmp_path):
     paths = make_inputs(tmp_path)
     script = Path(data_helper.__file__)
-    proc = subprocess.run([sys.executable, str(script), *argv(paths)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(script), *data_helper_argv(paths)], capture_output=True, text=True,
                           cwd=script.parent, check=False)
     assert proc.returncode == 0, proc.stderr
-    assert "records per role:" in proc.stdout
-    bad = dict(paths, profiles=tmp_path / "nope.json")
-    proc = subprocess.run([sys.executable, str(script), *argv(bad)], capture_output=True, text=True,
-                          cwd=script.parent, check=False)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "records per role:" in proc.stdout  # bad input to the script: tests/test_bad_inputs.py
 
 
 # ---------------------------------------------------------------------------------------------
@@ -616,7 +539,7 @@ def _utf8_ok(text: str) -> bool:
 
 def _profiles_file(root: Path) -> str:
     path = root / "profiles.json"
-    path.write_text(json.dumps(PROFILES, ensure_ascii=False), encoding="utf-8")
+    path.write_text(json.dumps(ROLEBENCH_PROFILES, ensure_ascii=False), encoding="utf-8")
     return str(path)
 
 
@@ -655,7 +578,7 @@ def synthetic_rolebench(root: Path, lines: int = 9000) -> Path:
 def test_synthetic_rolebench_sized_input(tmp_path, capsys):
     paths = make_inputs(tmp_path)
     synthetic_rolebench(paths["data_dir"])
-    profiles = {**PROFILES}
+    profiles = {**ROLEBENCH_PROFILES}
     paths["profiles"].write_text(json.dumps(profiles, ensure_ascii=False), encoding="utf-8")
     train, test = run_ok(paths, "--strip_address")
     assert len(train) > 9000 and len(test) > 1000
@@ -722,7 +645,7 @@ def test_a_bad_type_is_one_clear_error_with_file_and_line(tmp_path, capsys, valu
         {"role": "皇帝", "question": "皇上，坏吗？", "generated": ["坏"], "type": value},
     ], ("general", "train"): GENERAL_TRAIN}
     paths = make_inputs(tmp_path, files=files, attributes=False)
-    assert data_helper.main(argv(paths)) == 2
+    assert data_helper.main(data_helper_argv(paths)) == 2
     err = capsys.readouterr().err
     target = rolebench_path(paths["data_dir"], "flat", "role_specific", "test")
     assert err.count("\n") == 1 and err.startswith(f"error: {target}:2: field 'type' must be a string or")
@@ -847,7 +770,7 @@ def test_flat_table_character_without_an_attribute_gets_no_records_for_it():
 def test_bad_flat_tables_are_one_clear_error(tmp_path, capsys, table, blamed, needle):
     paths = make_inputs(tmp_path, attributes=True)
     paths["attributes"].write_text(json.dumps(table, ensure_ascii=False), encoding="utf-8")
-    assert data_helper.main(argv(paths)) == 2
+    assert data_helper.main(data_helper_argv(paths)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {paths[blamed]}: ") and needle in err
     assert not paths["output_dir"].exists()
@@ -867,7 +790,7 @@ def test_bad_flat_tables_are_one_clear_error(tmp_path, capsys, table, blamed, ne
     ("性格特征", "沉稳，深知璃月文化底蕴", ["{name}的性格是{value}。"], "沉稳，深知璃月文化底蕴"),
 ])
 def test_normalise_value(attribute, value, answers, expected):
-    assert data_helper.normalise_value(attribute, value, answers) == expected
+    assert attributes.normalise_value(attribute, value, answers) == expected
 
 
 def test_synth_rolebench_has_the_published_proportions_and_type_forms(tmp_path):

@@ -1,7 +1,7 @@
-"""Tests for the training data path of utils.py: build_training_sample, Baichuan2PromptDataSet,
-DataCollator and LengthGroupedBatchSampler. In-process and fast (no training).
+"""Tests for the training data path of utils.py and roleplay/sampler.py: build_training_sample,
+Baichuan2PromptDataSet, DataCollator and LengthGroupedBatchSampler. In-process and fast (no training).
 
-The tokenizer is the tiny Qwen2 one from tests/tiny_qwen2.py (chat-template path); the Baichuan
+The tokenizer is the tiny Qwen2 one from tools/tiny_models.py (chat-template path); the Baichuan
 variants use the `tiny_tokenizer_dir` fixture of tests/conftest.py and skip while `baichuan` (or
 that fixture) does not exist yet.
 """
@@ -9,7 +9,6 @@ that fixture) does not exist yet.
 from __future__ import annotations
 
 import importlib
-import json
 import random
 import sys
 from pathlib import Path
@@ -18,11 +17,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tools.harness import dump_jsonl
+
 # the scripts live in the repo root, not in a package: import them from there whatever the cwd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 utils = importlib.import_module("utils")
-tiny_qwen2 = importlib.import_module("tiny_qwen2")
+LengthGroupedBatchSampler = importlib.import_module("roleplay.sampler").LengthGroupedBatchSampler
+tiny_models = importlib.import_module("tools.tiny_models")
 
 SYSTEM = utils.build_system_prompt("刻晴", "璃月七星之一的玉衡星，使用雷元素，做事雷厉风行")
 USER = "你好，请问你是谁？"
@@ -33,7 +34,7 @@ ANSWER = "我是刻晴，璃月的玉衡星。"
 def qwen_tok(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    path = tiny_qwen2.make_tiny_qwen2(tmp_path_factory.mktemp("qwen2"))
+    path = tiny_models.make_tiny_qwen2(tmp_path_factory.mktemp("qwen2"))
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -141,17 +142,12 @@ def test_sample_baichuan_answer_cannot_forge_eos(baichuan_tok):
 # ---------------------------------------------------------------------------------------------
 # Baichuan2PromptDataSet
 # ---------------------------------------------------------------------------------------------
-def _write(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
 def test_dataset_truncation_and_is_skip_counts(qwen_tok, tmp_path):
     short = {"instruction": SYSTEM, "input": USER, "output": ANSWER}
     long_answer = {"instruction": SYSTEM, "input": USER, "output": ANSWER * 20}
     long_prompt = {"instruction": SYSTEM * 4, "input": USER, "output": ANSWER}
     records = [short, long_answer, short, long_prompt, short]
-    path = _write(tmp_path / "train.json", records)
+    path = dump_jsonl(tmp_path / "train.json", records)
     prompt_len = len(utils.build_prompt_ids(qwen_tok, _messages(), 10**9))
     max_src, max_len = prompt_len + 5, prompt_len + 40
     assert len(utils.build_prompt_ids(qwen_tok, _messages(SYSTEM * 4), 10**9)) > max_src
@@ -173,15 +169,15 @@ def test_dataset_truncation_and_is_skip_counts(qwen_tok, tmp_path):
 def test_dataset_errors_name_the_problem(qwen_tok, tmp_path):
     good = {"instruction": SYSTEM, "input": USER, "output": ANSWER}
     with pytest.raises(utils.UserError, match="max_src_len"):
-        utils.Baichuan2PromptDataSet(_write(tmp_path / "a.json", [good]), qwen_tok, 64, 64)
+        utils.Baichuan2PromptDataSet(dump_jsonl(tmp_path / "a.json", [good]), qwen_tok, 64, 64)
     with pytest.raises(utils.DataError, match=r"b\.json:2: field 'output'"):
-        utils.Baichuan2PromptDataSet(_write(tmp_path / "b.json", [good, {"instruction": "x", "input": "y"}]),
+        utils.Baichuan2PromptDataSet(dump_jsonl(tmp_path / "b.json", [good, {"instruction": "x", "input": "y"}]),
                                      qwen_tok, 512, 256)
     with pytest.raises(utils.DataError, match="no usable samples"):
-        utils.Baichuan2PromptDataSet(_write(tmp_path / "c.json", []), qwen_tok, 512, 256)
+        utils.Baichuan2PromptDataSet(dump_jsonl(tmp_path / "c.json", []), qwen_tok, 512, 256)
     with pytest.raises(utils.DataError, match="2 skipped"):
         long_answer = dict(good, output=ANSWER * 50)
-        utils.Baichuan2PromptDataSet(_write(tmp_path / "d.json", [long_answer, long_answer]), qwen_tok, 300, 256,
+        utils.Baichuan2PromptDataSet(dump_jsonl(tmp_path / "d.json", [long_answer, long_answer]), qwen_tok, 300, 256,
                                      is_skip=True)
 
 
@@ -212,7 +208,7 @@ def test_collator_pads_to_multiple_of_8_with_masked_labels():
 # LengthGroupedBatchSampler
 # ---------------------------------------------------------------------------------------------
 def _sampler(lengths, bs, world=1, rank=0, ga=1, seed=0, **kw):
-    return utils.LengthGroupedBatchSampler(lengths, bs, world, rank, ga, seed, **kw)
+    return LengthGroupedBatchSampler(lengths, bs, world, rank, ga, seed, **kw)
 
 
 @settings(max_examples=60, deadline=None)
@@ -296,7 +292,7 @@ def test_sampler_feeds_a_dataloader(qwen_tok, tmp_path):
     from torch.utils.data import DataLoader
 
     records = [{"instruction": SYSTEM[: 10 + 7 * i], "input": USER, "output": ANSWER * (1 + i % 3)} for i in range(9)]
-    ds = utils.Baichuan2PromptDataSet(_write(tmp_path / "t.json", records), qwen_tok, 256, 128)
+    ds = utils.Baichuan2PromptDataSet(dump_jsonl(tmp_path / "t.json", records), qwen_tok, 256, 128)
     sampler = _sampler(ds.lengths, 2, 1, 0, 2, seed=0)
     collator = utils.DataCollator(99)
     batches = list(DataLoader(ds, batch_sampler=sampler, collate_fn=collator))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,15 +19,10 @@ from pathlib import Path
 import pytest
 
 from data_helper import TEST_TEMPLATE_SETS
+from tools.harness import dump_jsonl, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 MIN_GAIN = 0.30  # absolute fact-accuracy gain the fine-tuned model must show over the base
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_data(tmp_path: Path) -> Path:
@@ -47,7 +41,7 @@ def attribute_slice(test_path: Path, out: Path, per_set: int) -> int:
     for template_set in TEST_TEMPLATE_SETS:
         pool = [r for r in records if r.get("source") == "attribute" and r["template_set"] == template_set]
         chosen += pool[:: max(1, len(pool) // per_set)][:per_set]
-    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen), encoding="utf-8")
+    dump_jsonl(out, chosen)
     return len(chosen)
 
 
@@ -90,7 +84,7 @@ def test_train_sh_runs_the_real_recipe_on_a_real_model_folder(tmp_path: Path, ti
     train.sh (batch 2 × accumulation 4, lr 1e-4, gradient checkpointing, QLoRA) runs unchanged
     through train → merge → eval. A tiny random model in the real folder layout stands in for
     Baichuan2-7B-Chat / a Qwen2-architecture model (no weights can be downloaded here)."""
-    from tests.tiny_qwen2 import make_tiny_qwen2
+    from tools.tiny_models import make_tiny_qwen2
 
     model = tiny_model_dir if arch == "baichuan" else make_tiny_qwen2(tmp_path / "qwen2")
     train_path, test_path = small_data(tmp_path, n_train=16, n_test=6)

@@ -17,8 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import utils
-from tests.tiny import ASSISTANT_TOKEN_ID, USER_TOKEN_ID
-from tests.tiny_qwen2 import make_tiny_qwen2
+from tools.tiny_models import ASSISTANT_TOKEN_ID, USER_TOKEN_ID, make_tiny_qwen2
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # any Unicode (surrogates excluded: they cannot be encoded), sprinkled with the special tokens' text

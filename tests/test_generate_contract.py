@@ -3,7 +3,7 @@
 These are the checks that break when transformers renames or reroutes a generation argument (5.24
 renamed the KV cache from `past_key_values` to `cache`): with and without cache equal, left-padded
 batches equal each row alone, beam search, streaming, seeded sampling. The canary
-(`bench/canary.sh`) runs this file against the newest releases.
+(`tests/canary.sh`) runs this file against the newest releases.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from transformers.utils import logging as hf_logging
 
 import baichuan  # noqa: F401  (registers the Auto classes)
 from baichuan.modeling_baichuan import CACHE_NAME
-from tests.test_baichuan_model import ATOL, left_pad, random_ids, random_model
+from tests.helpers import ATOL, left_pad, random_ids, random_model
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 

@@ -2,7 +2,8 @@
 
 Checkpoints are built the way train.py builds them (its own `load_model`, i.e. the same LoRA
 targets, pad-token resize and PEFT save), with random LoRA B matrices so that the adapter visibly
-changes the logits; no DeepSpeed run is needed.
+changes the logits; no DeepSpeed run is needed. Bad input to both scripts, run as subprocesses, is in
+the table of tests/test_bad_inputs.py.
 """
 
 from __future__ import annotations
@@ -11,16 +12,19 @@ import importlib
 import io
 import itertools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tools.harness import child_env, dump_jsonl
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 utils = importlib.import_module("utils")
+generation = importlib.import_module("roleplay.generation")
+loading = importlib.import_module("roleplay.loading")
 predict = importlib.import_module("predict")
 merge_params = importlib.import_module("merge_params")
 
@@ -29,7 +33,6 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`:UserWarning")
 pytest.importorskip("peft")
 
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 PROFILES = {"孙悟空": "齐天大圣，性格急躁", "李白": "唐代诗人，爱喝酒", "华妃": "后宫妃子"}
 
 
@@ -49,7 +52,7 @@ def make_checkpoint(base: Path, out: Path, train_mode: str = "lora", seed: int =
     import train
 
     args = train.parse_args(["--model_name_or_path", str(base), "--train_mode", train_mode, "--output_dir", str(out)])
-    tokenizer = train.load_tokenizer(str(base))
+    tokenizer = loading.load_tokenizer(str(base), training=True)
     torch.manual_seed(seed)
     model, report = train.load_model(args, torch.device("cpu"), torch.float32, tokenizer)
     with torch.no_grad():
@@ -68,7 +71,7 @@ def make_checkpoint(base: Path, out: Path, train_mode: str = "lora", seed: int =
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny Qwen2 without a pad token (train.py adds one and resizes), its checkpoint and merged model."""
-    from tests.tiny_qwen2 import make_tiny_qwen2
+    from tools.tiny_models import make_tiny_qwen2
 
     root = tmp_path_factory.mktemp("qwen")
     base = make_tiny_qwen2(root / "base")
@@ -83,7 +86,7 @@ def baichuan_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
     """Tiny Baichuan2, a QLoRA checkpoint of it, and the merged model."""
     pytest.importorskip("baichuan")
     pytest.importorskip("bitsandbytes")
-    from tests.tiny import make_tiny_model
+    from tools.tiny_models import make_tiny_model
 
     root = tmp_path_factory.mktemp("baichuan")
     base = make_tiny_model(root / "base")
@@ -129,13 +132,13 @@ def test_merge_equals_base_plus_adapter(models: dict[str, Path]) -> None:
     check = record["merge_check"]
     assert check["max_abs_diff"] <= check["tolerance"] and check["adapter_effect"] > 100 * check["tolerance"]
 
-    adapted, tok = utils.load_model_for_inference(str(models["ckpt"]), device="cpu")
+    adapted, tok = loading.load_model_for_inference(str(models["ckpt"]), device="cpu")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()  # plain Auto class (baichuan registered)
     assert type(merged).__name__ in ("Qwen2ForCausalLM", "BaichuanForCausalLM")
     assert merged.get_input_embeddings().weight.shape[0] == len(tok)
-    gc = utils.generation_config_for(adapted)
+    gc = generation.generation_config_for(adapted)
     for messages in MESSAGES:
-        ids = utils.chat_prompt_ids(adapted, tok, messages, gc)
+        ids = generation.chat_prompt_ids(adapted, tok, messages, gc)
         ref = logits(adapted, ids)
         with adapted.disable_adapter():
             base = logits(adapted, ids)
@@ -163,18 +166,18 @@ def test_padded_vocabulary_kept_by_training(tmp_path: Path) -> None:
     must keep it too."""
     from transformers import AutoModelForCausalLM
 
-    from tests.tiny_qwen2 import make_tiny_qwen2
+    from tools.tiny_models import make_tiny_qwen2
 
     base = make_tiny_qwen2(tmp_path / "base")
     model = AutoModelForCausalLM.from_pretrained(base)
     model.resize_token_embeddings(model.config.vocab_size + 40, mean_resizing=False)
     model.save_pretrained(base)
     ckpt = make_checkpoint(base, tmp_path / "ckpt")
-    adapted, tok = utils.load_model_for_inference(str(ckpt), device="cpu")
+    adapted, tok = loading.load_model_for_inference(str(ckpt), device="cpu")
     assert adapted.get_input_embeddings().weight.shape[0] == model.config.vocab_size > len(tok)
     assert merge_params.main(["--model_dir", str(ckpt), "--save_model_dir", str(tmp_path / "merged")]) == 0
-    merged, _ = utils.load_model_for_inference(str(tmp_path / "merged"), device="cpu")
-    ids = utils.chat_prompt_ids(merged, tok, MESSAGES[0], utils.generation_config_for(merged))
+    merged, _ = loading.load_model_for_inference(str(tmp_path / "merged"), device="cpu")
+    ids = generation.chat_prompt_ids(merged, tok, MESSAGES[0], generation.generation_config_for(merged))
     torch.testing.assert_close(logits(merged, ids), logits(adapted, ids), atol=1e-4, rtol=1e-4)
 
 
@@ -186,12 +189,13 @@ def test_merged_baichuan_loads_with_its_class(baichuan_models: dict[str, Path]) 
 
 
 def test_adapter_and_merged_give_same_greedy_replies(models: dict[str, Path]) -> None:
-    adapted, tok_a = utils.load_model_for_inference(str(models["ckpt"]), device="cpu")
-    merged, tok_m = utils.load_model_for_inference(str(models["merged"]), device="cpu")
+    adapted, tok_a = loading.load_model_for_inference(str(models["ckpt"]), device="cpu")
+    merged, tok_m = loading.load_model_for_inference(str(models["merged"]), device="cpu")
     assert len(tok_a) == len(tok_m)
-    ga = utils.generation_config_for(adapted, do_sample=False, max_new_tokens=12)
-    gm = utils.generation_config_for(merged, do_sample=False, max_new_tokens=12)
-    assert utils.generate_batch(adapted, tok_a, MESSAGES, ga) == utils.generate_batch(merged, tok_m, MESSAGES, gm)
+    ga = generation.generation_config_for(adapted, do_sample=False, max_new_tokens=12)
+    gm = generation.generation_config_for(merged, do_sample=False, max_new_tokens=12)
+    assert generation.generate_batch(adapted, tok_a, MESSAGES, ga) == \
+        generation.generate_batch(merged, tok_m, MESSAGES, gm)
 
 
 def test_merge_refuses_nonempty_output_without_overwrite(qwen: dict[str, Path], tmp_path: Path) -> None:
@@ -239,47 +243,47 @@ def test_merge_clear_errors(tmp_path: Path, qwen: dict[str, Path]) -> None:
     assert utils.run_main(merge_params.main, ["--model_dir", str(qwen["base"]),  # a full model, not an adapter
                                               "--save_model_dir", str(tmp_path / "o")]) == 2
     with pytest.raises(utils.UserError, match="no config.json"):
-        utils.resolve_model_paths(str(tmp_path))
+        loading.resolve_model_paths(str(tmp_path))
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text("{}")
     with pytest.raises(utils.UserError, match="no model weights"):
-        utils.resolve_model_paths(str(empty))
-    assert utils.resolve_model_paths(str(qwen["ckpt"])) == (str(qwen["base"].resolve()), str(qwen["ckpt"]))
+        loading.resolve_model_paths(str(empty))
+    assert loading.resolve_model_paths(str(qwen["ckpt"])) == (str(qwen["base"].resolve()), str(qwen["ckpt"]))
 
 
 # ---------------------------------------------------------------------------------------------
 # utils Inference: prompts, generation, streaming
 # ---------------------------------------------------------------------------------------------
 def test_record_prompt_equals_training_prompt(models: dict[str, Path]) -> None:
-    model, tok = utils.load_model_for_inference(str(models["merged"]), device="cpu")
-    gc = utils.generation_config_for(model, max_new_tokens=16)  # room for the whole prompt
+    model, tok = loading.load_model_for_inference(str(models["merged"]), device="cpu")
+    gc = generation.generation_config_for(model, max_new_tokens=16)  # room for the whole prompt
     for instruction in ("", utils.build_system_prompt("李白", PROFILES["李白"])):
         record = {"instruction": instruction, "input": "你喜欢吃什么？", "output": "桃子"}
         ids, labels, _ = utils.build_training_sample(tok, instruction, record["input"], record["output"], 400, 500,
                                                      gc if hasattr(gc, "user_token_id") else None)
         prompt = [i for i, lab in zip(ids, labels, strict=True) if lab == -100]
-        assert utils.chat_prompt_ids(model, tok, utils.record_messages(record), gc) == prompt
+        assert generation.chat_prompt_ids(model, tok, generation.record_messages(record), gc) == prompt
 
 
 def test_generate_batch_equals_per_row(models: dict[str, Path]) -> None:
-    model, tok = utils.load_model_for_inference(str(models["ckpt"]), device="cpu")
+    model, tok = loading.load_model_for_inference(str(models["ckpt"]), device="cpu")
     # a strong repetition penalty: left padding must not change what it penalises
-    gc = utils.generation_config_for(model, do_sample=False, max_new_tokens=10, repetition_penalty=1.5)
-    rows = [utils.chat_once(model, tok, m, gc) for m in MESSAGES]
+    gc = generation.generation_config_for(model, do_sample=False, max_new_tokens=10, repetition_penalty=1.5)
+    rows = [generation.chat_once(model, tok, m, gc) for m in MESSAGES]
     stats: dict = {}
-    assert utils.generate_batch(model, tok, MESSAGES, gc, batch_size=3, stats=stats) == rows
-    assert utils.generate_batch(model, tok, MESSAGES[::-1], gc, batch_size=2) == rows[::-1]
+    assert generation.generate_batch(model, tok, MESSAGES, gc, batch_size=3, stats=stats) == rows
+    assert generation.generate_batch(model, tok, MESSAGES[::-1], gc, batch_size=2) == rows[::-1]
     assert 0 < stats["generated_tokens"] <= 3 * 10 and stats["seconds"] > 0
 
 
 def test_chat_stream_grows_to_chat_once_and_equals_model_chat(baichuan_models: dict[str, Path]) -> None:
-    model, tok = utils.load_model_for_inference(str(baichuan_models["merged"]), device="cpu")
-    gc = utils.generation_config_for(model, do_sample=False, max_new_tokens=16)
+    model, tok = loading.load_model_for_inference(str(baichuan_models["merged"]), device="cpu")
+    gc = generation.generation_config_for(model, do_sample=False, max_new_tokens=16)
     for messages in MESSAGES:
-        once = utils.chat_once(model, tok, messages, gc)
+        once = generation.chat_once(model, tok, messages, gc)
         assert once == model.chat(tok, messages, generation_config=gc)  # Baichuan's own chat, same layout
-        stream = list(utils.chat_stream(model, tok, messages, gc))
+        stream = list(generation.chat_stream(model, tok, messages, gc))
         assert stream[-1] == once
         assert all(b.startswith(a) for a, b in itertools.pairwise(stream))
 
@@ -289,37 +293,37 @@ def test_chat_stream_close_stops_generation(qwen: dict[str, Path], monkeypatch) 
 
     # emit text after every token (the random model's bytes rarely end a word, so text would come at the end)
     monkeypatch.setattr(transformers.TextIteratorStreamer, "_is_chinese_char", lambda self, cp: True)
-    model, tok = utils.load_model_for_inference(str(qwen["merged"]), device="cpu")
-    gc = utils.generation_config_for(model, do_sample=False, max_new_tokens=150, min_new_tokens=150)
+    model, tok = loading.load_model_for_inference(str(qwen["merged"]), device="cpu")
+    gc = generation.generation_config_for(model, do_sample=False, max_new_tokens=150, min_new_tokens=150)
     calls = []
     hook = model.register_forward_hook(lambda *args: calls.append(1))
     try:
-        gen = utils.chat_stream(model, tok, MESSAGES[0], gc)
+        gen = generation.chat_stream(model, tok, MESSAGES[0], gc)
         next(gen)
         gen.close()  # stops generate after its current token (and joins its thread) instead of running on
         at_close = len(calls)
         assert at_close < 100, at_close
         assert len(calls) == at_close  # nothing runs after close returned
-        assert len(list(utils.chat_stream(model, tok, MESSAGES[0], gc))) >= 1 and len(calls) >= at_close + 150
+        assert len(list(generation.chat_stream(model, tok, MESSAGES[0], gc))) >= 1 and len(calls) >= at_close + 150
     finally:
         hook.remove()
 
 
 def test_generation_config_overrides(models: dict[str, Path]) -> None:
-    model, _ = utils.load_model_for_inference(str(models["merged"]), device="cpu")
+    model, _ = loading.load_model_for_inference(str(models["merged"]), device="cpu")
     model.generation_config.update(temperature=0.3, top_k=5, top_p=0.85, repetition_penalty=1.05, do_sample=True)
-    gc = utils.generation_config_for(model, temperature=0.7, max_new_tokens=7, top_p=None)
+    gc = generation.generation_config_for(model, temperature=0.7, max_new_tokens=7, top_p=None)
     assert (gc.temperature, gc.top_p, gc.top_k, gc.max_new_tokens, gc.do_sample) == (0.7, 0.85, 5, 7, True)
-    greedy = utils.generation_config_for(model, do_sample=False)
+    greedy = generation.generation_config_for(model, do_sample=False)
     assert not greedy.do_sample and greedy.repetition_penalty == 1.05
     assert (greedy.temperature, greedy.top_p, greedy.top_k) == (1.0, 1.0, 50)  # neutral, not inherited
-    assert utils.max_input_tokens(model, gc) == utils.context_length(model) - 7
+    assert generation.max_input_tokens(model, gc) == generation.context_length(model) - 7
     assert model.generation_config.temperature == 0.3  # the model's own config is untouched
     for bad in ({"temperature": 0.0}, {"top_p": 1.5}, {"max_new_tokens": 0}, {"repetition_penalty": 0.0},
                 {"no_such_setting": 1}):
         with pytest.raises(utils.UserError, match="generation setting"):
-            utils.generation_config_for(model, **bad)
-    assert not utils.generation_config_for(model, temperature=0.0, do_sample=False).do_sample
+            generation.generation_config_for(model, **bad)
+    assert not generation.generation_config_for(model, temperature=0.0, do_sample=False).do_sample
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +449,7 @@ def write_test_file(path: Path) -> list[dict]:
                                  ("钟离", "国籍", "璃月", "novel")]:
         records.append({"instruction": "", "input": f"{name}的{attr}是什么？", "output": f"{name}的{attr}是{fact}。",
                         "role": name, "source": "attribute", "attribute": attr, "fact": fact, "template_set": ts})
-    utils.write_jsonl(path, records)
+    dump_jsonl(path, records)
     return records
 
 
@@ -465,9 +469,9 @@ def test_predict_batch(qwen: dict[str, Path], tmp_path: Path, capsys) -> None:
     preds = [r["prediction"] for r in rows]
 
     # greedy batch predictions == one-by-one chat_once on the same records
-    model, tok = utils.load_model_for_inference(str(qwen["merged"]), device="cpu")
-    gc = utils.generation_config_for(model, do_sample=False, max_new_tokens=12)
-    assert preds == [utils.chat_once(model, tok, utils.record_messages(r), gc) for r in records]
+    model, tok = loading.load_model_for_inference(str(qwen["merged"]), device="cpu")
+    gc = generation.generation_config_for(model, do_sample=False, max_new_tokens=12)
+    assert preds == [generation.chat_once(model, tok, generation.record_messages(r), gc) for r in records]
 
     m = json.loads((tmp_path / "preds.metrics.json").read_text(encoding="utf-8"))
     # independent recomputation: DP LCS ROUGE-L, plain counting
@@ -505,19 +509,20 @@ def test_predict_interactive(qwen: dict[str, Path], tmp_path: Path, monkeypatch,
     assert predict.main(argv) == 0
     out = capsys.readouterr().out
 
-    model, tok = utils.load_model_for_inference(str(qwen["ckpt"]), device="cpu")
-    gc = utils.generation_config_for(model, do_sample=False, max_new_tokens=8)
+    model, tok = loading.load_model_for_inference(str(qwen["ckpt"]), device="cpu")
+    gc = generation.generation_config_for(model, do_sample=False, max_new_tokens=8)
 
     def reply(role: str, history: list[dict]) -> str:
         system = {"role": "system", "content": utils.role_system_prompt(role, PROFILES)}
-        return utils.chat_once(model, tok, [system, *history], gc)
+        return generation.chat_once(model, tok, [system, *history], gc)
 
     first = reply("李白", [{"role": "user", "content": "你好"}])
     second = reply("李白", [{"role": "user", "content": "你好"}, {"role": "assistant", "content": first},
                            {"role": "user", "content": "你是谁？"}])
     wukong = reply("孙悟空", [{"role": "user", "content": "你好"}])
     assert "unknown role '9'" in out and "unknown role '不存在'" in out
-    replies = [line.split("user: ")[-1] for line in out.splitlines() if ": " in line and not line.startswith("[")]
+    # split on "\n" only: str.splitlines() also breaks at \x0c, \x1c and the like, which a random model may say
+    replies = [line.split("user: ")[-1] for line in out.split("\n") if ": " in line and not line.startswith("[")]
     spoken = [r for r in replies if r.startswith(("李白: ", "孙悟空: "))]
     # after /reset the first question gets the first answer again; /role switches the speaker
     assert spoken == [f"李白: {first}", f"李白: {second}", f"李白: {first}", f"孙悟空: {wukong}"]
@@ -531,34 +536,6 @@ def test_predict_interactive_piped_stdin(qwen: dict[str, Path], tmp_path: Path) 
     proc = subprocess.run([sys.executable, "predict.py", "--model_path", str(qwen["merged"]), "--desc_path",
                            str(profiles), "--max_new_tokens", "4", "--device", "cpu"],
                           input="华妃\n你好\n", check=False, capture_output=True, text=True, cwd=REPO, timeout=120,
-                          env=ONE_THREAD)
+                          env=child_env())
     assert proc.returncode == 0, proc.stderr
     assert "华妃: " in proc.stdout and proc.stdout.rstrip().endswith("bye")
-
-
-@pytest.mark.parametrize("case", ["missing", "not_utf8", "malformed", "no_input", "unknown_role", "no_output"])
-def test_predict_bad_input(case: str, tmp_path: Path) -> None:
-    """One `error:` line and exit status 2, before any model is loaded."""
-    test_file = tmp_path / "test.json"
-    profiles = tmp_path / "profiles.json"
-    profiles.write_text(json.dumps(PROFILES, ensure_ascii=False), encoding="utf-8")
-    argv = ["--test_path", str(test_file), "--output_path", str(tmp_path / "p.jsonl")]
-    if case == "not_utf8":
-        test_file.write_bytes('{"instruction": "", "input": "你好"}\n'.encode("gbk"))
-    elif case == "malformed":
-        test_file.write_text('{"instruction": "", "input": "a"}\n{"instruction": \n', encoding="utf-8")
-    elif case == "no_input":
-        test_file.write_text('{"instruction": "", "output": "a"}\n', encoding="utf-8")
-    elif case == "unknown_role":
-        argv = ["--desc_path", str(profiles), "--role", "赵子龙"]
-    elif case == "no_output":
-        test_file.write_text('{"instruction": "", "input": "a"}\n', encoding="utf-8")
-        argv = ["--test_path", str(test_file)]
-    proc = subprocess.run([sys.executable, "predict.py", "--model_path", str(tmp_path / "no-model"), *argv],
-                          check=False, capture_output=True, text=True, cwd=REPO, timeout=60, env=ONE_THREAD)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    if case in ("not_utf8", "malformed", "no_input"):
-        assert f"{test_file}:" in lines[0]
-    assert not (tmp_path / "p.jsonl").exists()

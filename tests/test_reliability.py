@@ -1,12 +1,7 @@
-"""Reliability and security (issue 8): bad input everywhere, crashes, load, safe defaults.
+"""Reliability and security: crashes, load, safe defaults.
 
 Already covered elsewhere, not repeated here:
-- bad input cells: tests/test_data_helper.py (bad record lines of every kind, missing/broken profiles,
-  attribute tables, templates), tests/test_train.py::test_clear_errors (missing model folder, empty
-  train file, broken DeepSpeed JSON), tests/test_merge_predict.py::test_predict_bad_input (missing,
-  non-UTF-8, malformed test file, missing field, unknown role) and ::test_merge_clear_errors,
-  tests/test_web_demo.py::test_missing_model_folder_is_one_line_exit_2 / ::test_busy_port_fails_before_loading.
-  The table below holds the remaining (script x bad input) cells, each run as a real subprocess.
+- bad input to every script (exit 2, one `error:` line, nothing written): tests/test_bad_inputs.py.
 - merge killed mid-save leaves no folder: tests/test_merge_predict.py::test_merge_interrupted_save_leaves_no_folder
   (the merged folder is written under a temporary name via utils.atomic_path and renamed only when complete).
 - web demo: binds 127.0.0.1 by default and warns when exposed (tests/test_web_demo.py::test_defaults_are_safe,
@@ -21,249 +16,35 @@ import ast
 import json
 import os
 import random
-import shutil
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.test_data_helper import argv as data_helper_argv
-from tests.test_data_helper import make_inputs
-from tests.test_train import (
+import train
+import utils
+from tests.helpers import (
     COMMON,
-    RUN_TIMEOUT,
     adapter,
     assert_tensors_close,
-    child_env,
+    broken_model,
     ds_config_file,
-    free_port,
+    kill_when,
     newest_checkpoint,
+    profiles_file,
     run_train,
-    train_cmd,
     train_history,
     write_records,
 )
-from tests.tiny_qwen2 import make_tiny_qwen2
+from tools.harness import REPO, child_env, free_port
+from tools.tiny_models import make_tiny_qwen2
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-import train  # noqa: E402
-import utils  # noqa: E402
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-       "PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False"}
-PROFILES = {"孙悟空": "齐天大圣，性格急躁", "刻晴": "璃月七星之一的玉衡星"}
-GOOD_RECORD = {"instruction": "你是孙悟空。", "input": "你好", "output": "俺老孙来也"}
-NOT_UTF8 = json.dumps(GOOD_RECORD, ensure_ascii=False).encode("gbk") + b"\n"
+ENV = child_env(GRADIO_ANALYTICS_ENABLED="False")
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Bad input: one parametrized table of (script x bad input) cells
-# ---------------------------------------------------------------------------------------------
-def broken_model(src: Path, dst: Path, drop: str) -> Path:
-    """A copy of the model folder `src` without the files matching `drop`."""
-    shutil.copytree(src, dst)
-    for p in dst.glob(drop):
-        p.unlink()
-    return dst
-
-
-def jsonl(path: Path, *records: object) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-def profiles_file(path: Path, content: bytes | None = None) -> Path:
-    path.write_bytes(json.dumps(PROFILES, ensure_ascii=False).encode() if content is None else content)
-    return path
-
-
-class Cell:
-    """Inputs of one bad-input run: the argv after the script, the output path that must stay absent or
-    untouched, and a substring the one `error:` line must hold."""
-
-    def __init__(self, argv: list, output: Path | None, needle: str) -> None:
-        self.argv, self.output, self.needle = [str(a) for a in argv], output, needle
-
-
-def _data_helper(tmp: Path, model: Path, case: str) -> Cell:
-    paths = make_inputs(tmp, attributes=False)
-    bad = {"empty_profiles": b"", "profiles_wrong_type": b'["\xe5\xad\x99"]',
-           "profiles_not_utf8": json.dumps(PROFILES, ensure_ascii=False).encode("gbk"),
-           "profile_value_wrong_type": b'{"a": 5}'}
-    needles = {"empty_profiles": "malformed JSON", "profiles_wrong_type": "expected a non-empty JSON object",
-               "profiles_not_utf8": "not UTF-8", "profile_value_wrong_type": "non-string description",
-               "missing_data_dir": "no RoleBench files"}
-    if case == "missing_data_dir":
-        paths["data_dir"] = tmp / "no-such-dir"
-    else:
-        profiles_file(paths["profiles"], bad[case])
-    out = Path(paths["output_dir"])
-    out.mkdir()
-    (out / "train.json").write_text("old\n", encoding="utf-8")
-    return Cell(data_helper_argv(paths), out, needles[case])
-
-
-def _train(tmp: Path, model: Path, case: str) -> Cell:
-    data = jsonl(tmp / "train.json", GOOD_RECORD, GOOD_RECORD)
-    ds = ds_config_file(tmp, "ds.json", bf16__enabled=False)
-    extra: list = []
-    needle = {"malformed": "malformed JSON", "not_utf8": "not UTF-8", "wrong_type": "field 'input'",
-              "too_long": "no usable samples", "no_config": "no config.json", "no_weights": "no model weights",
-              "no_tokenizer": "tokenizer does not load", "ds_wrong_type": "must be a JSON object"}[case]
-    if case == "malformed":
-        data.write_text('{"instruction": "x", \n', encoding="utf-8")
-    elif case == "not_utf8":
-        data.write_bytes(NOT_UTF8)
-    elif case == "wrong_type":
-        jsonl(data, {**GOOD_RECORD, "input": 5})
-    elif case == "too_long":
-        jsonl(data, {**GOOD_RECORD, "output": "很长的回答" * 200})
-        extra = ["--is_skip"]
-    elif case == "ds_wrong_type":
-        ds.write_text("[]", encoding="utf-8")
-    else:
-        model = broken_model(model, tmp / "model", {"no_config": "config.json", "no_weights": "*.safetensors",
-                                                    "no_tokenizer": "tokenizer.model"}[case])
-    out = tmp / "out"
-    return Cell(["--model_name_or_path", model, "--train_path", data, "--test_path", "", "--output_dir", out,
-                 "--ds_file", ds, "--max_steps", "1", *COMMON, *extra], out, needle)
-
-
-def _merge(tmp: Path, model: Path, case: str) -> Cell:
-    base = model
-    if case in ("base_no_config", "base_no_weights", "base_no_tokenizer"):
-        drop = {"base_no_config": "config.json", "base_no_weights": "*.safetensors",
-                "base_no_tokenizer": "tokenizer.model"}[case]
-        base = broken_model(model, tmp / "base", drop)
-    ckpt = tmp / "ckpt"
-    ckpt.mkdir()
-    (ckpt / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}), encoding="utf-8")
-    (ckpt / "adapter_model.safetensors").write_bytes(b"\0" * 16)  # never read: every case fails earlier
-    needle = {"empty_adapter_config": "malformed JSON", "adapter_config_not_utf8": "not UTF-8",
-              "adapter_config_wrong_type": "must be a JSON object", "no_adapter_weights": "adapter weights",
-              "base_no_config": "no config.json", "base_no_weights": "no model weights",
-              "base_no_tokenizer": "tokenizer does not load"}[case]
-    if case == "empty_adapter_config":
-        (ckpt / "adapter_config.json").write_text("", encoding="utf-8")
-    elif case == "adapter_config_not_utf8":
-        (ckpt / "adapter_config.json").write_bytes('{"base_model_name_or_path": "模型"}'.encode("gbk"))
-    elif case == "adapter_config_wrong_type":
-        (ckpt / "adapter_config.json").write_text("[1]", encoding="utf-8")
-    elif case == "no_adapter_weights":
-        (ckpt / "adapter_model.safetensors").unlink()
-    out = tmp / "merged"
-    return Cell(["--model_dir", ckpt, "--save_model_dir", out], out, needle)
-
-
-def _predict(tmp: Path, model: Path, case: str) -> Cell:
-    test = jsonl(tmp / "test.json", GOOD_RECORD)
-    out = tmp / "pred.jsonl"
-    argv: list = ["--model_path", model, "--test_path", test, "--output_path", out]
-    needle = {"empty_test": "no test records", "wrong_type": f"{test}:1: field 'input'",
-              "empty_profiles": "malformed JSON", "profiles_not_utf8": "not UTF-8",
-              "profiles_wrong_type": "expected a non-empty JSON object", "no_config": "no config.json",
-              "no_weights": "no model weights", "no_tokenizer": "tokenizer does not load",
-              "missing_baseline": "--baseline_metrics file not found",
-              "baseline_wrong_type": "--baseline_metrics file must be a JSON object"}[case]
-    if case == "empty_test":
-        test.write_text("", encoding="utf-8")
-    elif case in ("missing_baseline", "baseline_wrong_type"):
-        baseline = tmp / "base.metrics.json"
-        if case == "baseline_wrong_type":
-            baseline.write_text("[]", encoding="utf-8")
-        argv += ["--baseline_metrics", baseline]
-    elif case == "wrong_type":
-        jsonl(test, {"instruction": "", "input": ["你好"]})
-    elif case.startswith("profiles") or case == "empty_profiles":
-        content = {"empty_profiles": b"", "profiles_not_utf8": json.dumps(PROFILES, ensure_ascii=False).encode("gbk"),
-                   "profiles_wrong_type": b"[]"}[case]
-        argv = ["--model_path", model, "--desc_path", profiles_file(tmp / "p.json", content), "--role", "孙悟空"]
-    else:
-        drop = {"no_config": "config.json", "no_weights": "*.safetensors", "no_tokenizer": "tokenizer.model"}[case]
-        argv[1] = broken_model(model, tmp / "model", drop)
-    return Cell(argv, out, needle)
-
-
-def _web_demo(tmp: Path, model: Path, case: str) -> Cell:
-    profiles = profiles_file(tmp / "p.json")
-    needle = {"missing_profiles": "profiles file not found", "empty_profiles": "malformed JSON",
-              "profiles_not_utf8": "not UTF-8", "profiles_wrong_type": "expected a non-empty JSON object",
-              "profile_value_wrong_type": "non-string description", "input_cap_zero": "--max_input_chars",
-              "no_config": "no config.json", "no_weights": "no model weights",
-              "no_tokenizer": "tokenizer does not load"}[case]
-    extra: list = []
-    if case == "missing_profiles":
-        profiles = tmp / "nope.json"
-    elif case in ("empty_profiles", "profiles_not_utf8", "profiles_wrong_type", "profile_value_wrong_type"):
-        profiles_file(profiles, {"empty_profiles": b"", "profiles_wrong_type": b'"text"',
-                                 "profile_value_wrong_type": b'{"a": ["b"]}',
-                                 "profiles_not_utf8": json.dumps(PROFILES, ensure_ascii=False).encode("gbk")}[case])
-    elif case == "input_cap_zero":
-        extra = ["--max_input_chars", "0"]
-    else:
-        drop = {"no_config": "config.json", "no_weights": "*.safetensors", "no_tokenizer": "tokenizer.model"}[case]
-        model = broken_model(model, tmp / "model", drop)
-    return Cell(["--model_path", model, "--desc_path", profiles, "--device", "cpu", "--port", free_port(), *extra],
-                None, needle)
-
-
-BUILDERS: dict[str, Callable[[Path, Path, str], Cell]] = {
-    "data_helper.py": _data_helper, "train.py": _train, "merge_params.py": _merge, "predict.py": _predict,
-    "web_demo.py": _web_demo,
-}
-MATRIX = [
-    ("data_helper.py", c) for c in ("empty_profiles", "profiles_wrong_type", "profiles_not_utf8",
-                                    "profile_value_wrong_type", "missing_data_dir")
-] + [
-    ("train.py", c) for c in ("malformed", "not_utf8", "wrong_type", "too_long", "no_config", "no_weights",
-                              "no_tokenizer", "ds_wrong_type")
-] + [
-    ("merge_params.py", c) for c in ("empty_adapter_config", "adapter_config_not_utf8", "adapter_config_wrong_type",
-                                     "no_adapter_weights", "base_no_config", "base_no_weights", "base_no_tokenizer")
-] + [
-    ("predict.py", c) for c in ("empty_test", "wrong_type", "empty_profiles", "profiles_not_utf8",
-                                "profiles_wrong_type", "no_config", "no_weights", "no_tokenizer", "missing_baseline",
-                                "baseline_wrong_type")
-] + [
-    ("web_demo.py", c) for c in ("missing_profiles", "empty_profiles", "profiles_not_utf8", "profiles_wrong_type",
-                                 "profile_value_wrong_type", "input_cap_zero", "no_config", "no_weights",
-                                 "no_tokenizer")
-]
-
-
-def _snapshot(path: Path | None) -> dict[str, bytes] | None:
-    if path is None or not path.exists():
-        return None
-    if path.is_file():
-        return {"": path.read_bytes()}
-    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else b"<dir>" for p in path.rglob("*")}
-
-
-@pytest.mark.parametrize("script, case", MATRIX, ids=[f"{s}-{c}" for s, c in MATRIX])
-def test_bad_input_exits_2_with_one_error_line(script: str, case: str, tmp_path: Path, tiny_model_dir: Path) -> None:
-    """Each (script x bad input) cell, as a real subprocess: exit status 2, exactly one `error:` line
-    naming the problem, no traceback, and the output path absent (or, when it existed, byte-identical)."""
-    cell = BUILDERS[script](tmp_path, Path(tiny_model_dir), case)
-    before = _snapshot(cell.output)
-    proc = subprocess.run([sys.executable, str(REPO / script), *cell.argv], cwd=tmp_path, env=ENV,
-                          capture_output=True, text=True, timeout=240, check=False)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-4000:])
-    assert len(errors) == 1, proc.stderr
-    assert cell.needle in errors[0], errors[0]
-    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
-    assert _snapshot(cell.output) == before, f"{cell.output} was written"
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and ".tmp" in p.name]
-    assert not leftovers, leftovers
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. Crashes: train.py killed at random points, resumed, ends where an uninterrupted run ends
+# 1. Crashes: train.py killed at random points, resumed, ends where an uninterrupted run ends
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def crash_work(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -279,22 +60,6 @@ def crash_args(work: dict[str, Path], out: Path) -> list:
     return ["--model_name_or_path", work["model"], "--train_path", work["train"], "--test_path", "",
             "--output_dir", out, *COMMON, "--gradient_accumulation_steps", "2", "--num_train_epochs", "1",
             "--lora_dropout", "0.1", "--ds_file", work["ds"], "--save_model_step", "1"]
-
-
-def kill_when(args: list, cwd: Path, log: Path, ready: Callable[[], bool], delay: float) -> bool:
-    """Start train.py, SIGKILL its process group `delay` s after `ready()` turns true; False if it finished first."""
-    with open(log, "w") as f:
-        proc = subprocess.Popen(train_cmd([str(a) for a in args]), cwd=cwd, env=child_env(free_port()), stdout=f,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while proc.poll() is None and not ready() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(delay)
-        killed = proc.poll() is None
-        if killed:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    return killed
 
 
 def assert_checkpoints_complete(out: Path) -> None:
@@ -350,7 +115,7 @@ def test_train_killed_repeatedly_then_resumed_matches_uninterrupted(crash_work: 
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Load: bench/load_web_demo.py with a few sessions
+# 2. Load: bench/load_web_demo.py with a few sessions
 # ---------------------------------------------------------------------------------------------
 def test_load_script_small_run_answers_every_request(tiny_model_dir: Path, tmp_path: Path) -> None:
     """bench/load_web_demo.py starts the demo on a free loopback port, runs 4 sessions x 1 turn: every
@@ -369,7 +134,7 @@ def test_load_script_small_run_answers_every_request(tiny_model_dir: Path, tmp_p
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Security defaults
+# 3. Security defaults
 # ---------------------------------------------------------------------------------------------
 def project_sources() -> list[Path]:
     """Project Python files (tracked or not, excluding tests/ and generated output/)."""

@@ -1,136 +1,48 @@
 """End-to-end tests of train.py on CPU: real subprocesses (plain `python train.py` for one process,
 the DeepSpeed launcher for two), tiny models, tiny data written to tmp dirs.
 
-Most runs use the tiny Qwen2 model of tests/tiny_qwen2.py (no pad token: exercises the resize
+Most runs use the tiny Qwen2 model of tools/tiny_models.py (no pad token: exercises the resize
 path); the Baichuan variant uses the `tiny_model_dir` fixture of tests/conftest.py and skips while
 `baichuan` (or that fixture) does not exist. Every child runs with OMP_NUM_THREADS=1 in its own
-tmp cwd and its own master port.
+tmp cwd and its own master port. The run helpers are in tests/helpers.py; bad input to train.py
+(exit status 2, one `error:` line) is in the table of tests/test_bad_inputs.py.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-import os
-import random
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import (
+    COMMON,
+    adapter,
+    assert_tensors_close,
+    ds_config_file,
+    kill_when,
+    newest_checkpoint,
+    run_train,
+    train_history,
+    write_records,
+)
+
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = REPO / "train.py"
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-train = importlib.import_module("train")  # top level imports only utils: cheap
+train = importlib.import_module("train")  # top level imports only utils and roleplay: cheap
 utils = importlib.import_module("utils")
-tiny_qwen2 = importlib.import_module("tiny_qwen2")
+tiny_models = importlib.import_module("tools.tiny_models")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-ROLES = [("刻晴", "璃月七星之一的玉衡星，使用雷元素"), ("孙悟空", "齐天大圣，会七十二变"),
-         ("钟离", "往生堂客卿，岩元素")]
-QUESTIONS = ["你好，请问你是谁？", "你会用什么元素？", "今天天气很好，我们一起去吧！", "你喜欢吃什么？"]
-ANSWERS = ["我是{role}。", "{role}使用雷元素，今天天气很好。", "我喜欢吃桃子，你好！", "问题 回答 角色 性格 身份"]
-# small, quick settings shared by the runs (prompts fit max_src_len; some answers get cut at max_len)
-COMMON = ["--max_len", "80", "--max_src_len", "56", "--per_device_train_batch_size", "2",
-          "--learning_rate", "3e-3", "--weight_decay", "0.0", "--warmup_ratio", "0.1",
-          "--lora_dim", "8", "--lora_alpha", "16", "--per_device_eval_batch_size", "4"]
-RUN_TIMEOUT = 300
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def write_records(path: Path, n: int, seed: int) -> Path:
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n):
-        role, desc = rng.choice(ROLES)
-        answer = rng.choice(ANSWERS).format(role=role) * rng.randint(1, 3)
-        record = {"instruction": f"你是{role}，{desc[: rng.randint(4, len(desc))]}。", "input": rng.choice(QUESTIONS),
-                  "output": answer}
-        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-    path.write_text("".join(lines), encoding="utf-8")
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def child_env(port: int, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-               MASTER_PORT=str(port), PYTHONPATH=str(REPO), **extra)
-    return env
-
-
-def train_cmd(args: list[str], nproc: int = 1, port: int = 0) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, str(TRAIN), *args]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port),
-            str(TRAIN), *args]
-
-
-def run_train(cwd: Path, args: list, nproc: int = 1, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    port = free_port()
-    proc = subprocess.run(train_cmd([str(a) for a in args], nproc, port), cwd=cwd, env=child_env(port, **env),
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False)
-    if check:
-        assert proc.returncode == 0, (
-            f"train.py failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def newest_checkpoint(output_dir: Path) -> Path:
-    ckpts = train.list_checkpoints(str(output_dir))
-    assert ckpts, f"no complete checkpoint in {output_dir}: {sorted(p.name for p in output_dir.iterdir())}"
-    return ckpts[-1][1]
-
-
-def train_history(ckpt: Path) -> list[tuple[int, float]]:
-    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
-    return [(int(s), float(v)) for s, v in state["history"]["train"]]
-
-
-def adapter(ckpt: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(ckpt / "adapter_model.safetensors"))
-
-
-def assert_tensors_close(a: dict, b: dict, rtol: float, atol: float) -> None:
-    import torch
-
-    assert a.keys() == b.keys()
-    for k, x in a.items():
-        x, y = x.float(), b[k].float()
-        assert torch.allclose(x, y, rtol=rtol, atol=atol), (k, (x - y).abs().max().item())
-
-
-def ds_config_file(tmp: Path, name: str = "ds.json", **edits) -> Path:
-    """The repo's DeepSpeed config with dotted-key edits, written to tmp."""
-    cfg = json.loads((REPO / "ds_zero2_no_offload.json").read_text(encoding="utf-8"))
-    for dotted, value in edits.items():
-        node = cfg
-        *parents, last = dotted.split("__")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
-    path = tmp / name
-    path.write_text(json.dumps(cfg), encoding="utf-8")
-    return path
-
-
 def walk_values(obj):
     if isinstance(obj, dict):
         for v in obj.values():
@@ -151,7 +63,7 @@ def work(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("train")
     return {
         "root": root,
-        "model": tiny_qwen2.make_tiny_qwen2(root / "qwen2"),
+        "model": tiny_models.make_tiny_qwen2(root / "qwen2"),
         "train": write_records(root / "train.json", 24, seed=0),
         "test": write_records(root / "test.json", 6, seed=1),
         "ds_fp32": ds_config_file(root, "ds_fp32.json", bf16__enabled=False),
@@ -249,16 +161,7 @@ def test_kill_and_resume_matches_uninterrupted(work, reference_run, tmp_path):
     out = tmp_path / "killed"
     args = [*reference_run["args"], "--save_model_step", "3"]
     args[args.index("--output_dir") + 1] = out
-    port = free_port()
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(train_cmd([str(a) for a in args]), cwd=tmp_path, env=child_env(port), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while proc.poll() is None and not train.list_checkpoints(str(out)) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the child and anything it started
-        proc.wait()
+    kill_when(args, tmp_path, tmp_path / "killed.log", lambda: bool(train.list_checkpoints(str(out))), delay=0.0)
     ckpts = train.list_checkpoints(str(out))
     assert ckpts, (tmp_path / "killed.log").read_text()
     # If the run outpaced the kill, drop the later checkpoints: the disk then looks like a kill right
@@ -381,52 +284,6 @@ def test_modes_train_and_save(work, tmp_path, mode):
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3]])).logits
     assert logits.shape == (1, 3, base.config.vocab_size + 1) and torch.isfinite(logits).all()
-
-
-# ---------------------------------------------------------------------------------------------
-# errors: exit code 2, one "error:" line, no traceback
-# ---------------------------------------------------------------------------------------------
-def _error_case(case: str, work: dict, tmp: Path) -> tuple[list, dict, str]:
-    args = base_args(work, tmp / "out", "--max_steps", "1", "--test_path", "", "--ds_file", work["ds_fp32"])
-    env: dict[str, str] = {}
-
-    def setarg(flag, value):
-        args[args.index(flag) + 1] = value
-
-    if case == "missing_model":
-        setarg("--model_name_or_path", tmp / "no-such-model")
-        return args, env, "no-such-model"
-    if case == "empty_train":
-        (tmp / "empty.json").write_text("\n\n", encoding="utf-8")
-        setarg("--train_path", tmp / "empty.json")
-        return args, env, "has no records"
-    if case == "bad_ds_json":
-        (tmp / "bad.json").write_text('{"bf16": {"enabled": true},', encoding="utf-8")
-        setarg("--ds_file", tmp / "bad.json")
-        return args, env, "bad.json:1: DeepSpeed config is malformed JSON"
-    if case == "ds_contradicts_flag":
-        setarg("--ds_file", ds_config_file(tmp, gradient_accumulation_steps=8, bf16__enabled=False))
-        return args, env, "gradient_accumulation_steps is 8"
-    if case == "cuda_without_cuda":
-        import torch
-
-        if torch.cuda.is_available():
-            pytest.skip("a CUDA device is visible")
-        return [*args, "--device", "cuda"], env, "CUDA"
-    raise AssertionError(case)
-
-
-@pytest.mark.parametrize("case", ["missing_model", "empty_train", "bad_ds_json", "ds_contradicts_flag",
-                                  "cuda_without_cuda"])
-def test_clear_errors(work, tmp_path, case):
-    args, env, needle = _error_case(case, work, tmp_path)
-    proc = run_train(tmp_path, args, check=False, **env)
-    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-4000:])
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr
-    assert needle in errors[0], errors[0]
-    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
-    assert not train.list_checkpoints(str(tmp_path / "out"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,18 +21,18 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script (see above), too
+from tools.harness import free_port, wait_until_serving  # noqa: E402
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
@@ -49,12 +49,6 @@ REPLY_TIMEOUT = 300
 # One selector each for the page parts the test touches (elem_ids set in web_demo.build_ui).
 BOT_MESSAGES = "#chat .message.bot"
 USER_MESSAGES = "#chat .message.user"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model_path: str | Path, profiles: str | Path, port: int, device: str = "cpu",
@@ -79,22 +73,6 @@ def stop_server(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=15)
-
-
-def wait_until_serving(url: str, proc: subprocess.Popen, timeout: float = SERVER_START_TIMEOUT,
-                       log_path: Path | None = None) -> dict:
-    """Poll GET /config until the app answers; fail early (with the server's log) if the process exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log = log_path.read_text(errors="replace")[-3000:] if log_path else ""
-            raise RuntimeError(f"web_demo.py exited with code {proc.returncode} before serving:\n{log}")
-        try:
-            with urllib.request.urlopen(url + "config", timeout=5) as r:
-                return json.load(r)
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"web_demo.py did not serve {url} within {timeout:.0f} s")
 
 
 def pick_role(page: object, role: str) -> None:
@@ -231,7 +209,7 @@ def test_chat_in_browser(demo_target: dict, tmp_path: Path) -> None:
     proc = start_server(demo_target["model"], demo_target["profiles"], port, demo_target["device"],
                         demo_target["adapter"], log_path)
     try:
-        config = wait_until_serving(url, proc, log_path=log_path)
+        config = wait_until_serving(url, proc, SERVER_START_TIMEOUT, log_path)
         dropdown = next(c for c in config["components"] if c["type"] == "dropdown")
         assert [c[0] for c in dropdown["props"]["choices"]] == demo_target["roles"]
 
@@ -277,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_path = Path(tmp) / "web_demo.log"
         proc = start_server(args.model_path, args.desc_path, port, args.device, args.adapter_dir, log_path)
         try:
-            wait_until_serving(url, proc, log_path=log_path)
+            wait_until_serving(url, proc, SERVER_START_TIMEOUT, log_path)
             result = run_session(url, role, [Path(args.out)])
         finally:
             stop_server(proc)

@@ -21,6 +21,8 @@ import torch
 
 import utils
 import web_demo
+from roleplay import generation, loading
+from tools.harness import free_port
 
 ROLES = {
     "孙悟空": "齐天大圣，花果山美猴王，性格桀骜不驯、机智勇敢",
@@ -46,7 +48,7 @@ def profiles(profiles_path: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir: Path) -> tuple[Any, Any]:
-    return utils.load_model_for_inference(str(tiny_model_dir), device="cpu")
+    return loading.load_model_for_inference(str(tiny_model_dir), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +56,10 @@ def adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     """A random (non-zero) LoRA adapter for the tiny model, so base and fine-tuned replies differ."""
     from peft import LoraConfig, get_peft_model
 
-    model, _ = utils.load_model_for_inference(str(tiny_model_dir), device="cpu")
+    model, _ = loading.load_model_for_inference(str(tiny_model_dir), device="cpu")
     torch.manual_seed(0)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                                  target_modules=utils.find_all_linear_names(model)))
+                                                  target_modules=loading.find_all_linear_names(model)))
     out = tmp_path_factory.mktemp("adapter")
     peft_model.save_pretrained(out)
     return out
@@ -65,7 +67,7 @@ def adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="module")
 def loaded_adapter(tiny_model_dir: Path, adapter_dir: Path) -> tuple[Any, Any]:
-    return utils.load_model_for_inference(str(tiny_model_dir), adapter_dir=str(adapter_dir), device="cpu")
+    return loading.load_model_for_inference(str(tiny_model_dir), adapter_dir=str(adapter_dir), device="cpu")
 
 
 @pytest.fixture()
@@ -103,12 +105,6 @@ def spy(loaded: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> GenerateSpy
     spy = GenerateSpy(loaded[0])
     monkeypatch.setattr(loaded[0], "generate", spy)
     return spy
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_all(gen: Any) -> list[Any]:
@@ -169,8 +165,8 @@ def test_prompt_ids_equal_training_prompt(backend: web_demo.ChatBackend, spy: Ge
     run_all(web_demo.respond(backend, "你住在哪里？", history, "孙悟空", 8, 0.8, 0.3))
     messages = [{"role": "system", "content": system}, *history, {"role": "user", "content": "你住在哪里？"}]
     config = spy.calls[1]["config"]
-    assert spy.calls[1]["ids"] == utils.build_prompt_ids(tokenizer, messages, utils.max_input_tokens(model, config),
-                                                         config)
+    assert spy.calls[1]["ids"] == utils.build_prompt_ids(tokenizer, messages,
+                                                         generation.max_input_tokens(model, config), config)
     assert len(spy.calls[1]["ids"]) > len(prompt)
 
 
@@ -187,7 +183,7 @@ def test_history_is_cut_to_budget_oldest_first(backend: web_demo.ChatBackend, sp
     full = utils.build_prompt_ids(tokenizer, messages, 10**9, model.generation_config)
     kept = [{"role": "system", "content": system}, *history[-4:], {"role": "user", "content": user}]
     budget = len(utils.build_prompt_ids(tokenizer, kept, 10**9, model.generation_config)) + 3  # 2 rounds fit
-    max_new_tokens = utils.context_length(model) - budget  # the sliders' value sets the prompt budget
+    max_new_tokens = generation.context_length(model) - budget  # the sliders' value sets the prompt budget
     run_all(web_demo.respond(backend, user, history, "孙悟空", max_new_tokens, 0.8, 0.3))
     ids = spy.calls[0]["ids"]
     assert ids == utils.build_prompt_ids(tokenizer, messages, budget, model.generation_config)
@@ -238,14 +234,14 @@ def test_over_long_input_is_refused(backend: web_demo.ChatBackend, spy: Generate
 
 
 def test_empty_reply_warns(backend: web_demo.ChatBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(utils, "chat_stream", lambda *args: iter(()))  # the model ended at once
+    monkeypatch.setattr(generation, "chat_stream", lambda *args: iter(()))  # the model ended at once
     with pytest.warns(UserWarning, match="empty reply"):
         outputs = run_all(web_demo.respond(backend, "你好", [], "孙悟空", 8, 0.8, 0.3))
     assert outputs[-1] == ([{"role": "user", "content": "你好"}, {"role": "assistant", "content": ""}], "")
 
 
 def test_budget_error_becomes_warning(backend: web_demo.ChatBackend, spy: GenerateSpy) -> None:
-    too_many = utils.context_length(backend.model)  # leaves no room for the prompt
+    too_many = generation.context_length(backend.model)  # leaves no room for the prompt
     with pytest.warns(UserWarning, match="max_new_tokens"):
         outputs = run_all(web_demo.respond(backend, "你好", [], "孙悟空", too_many, 0.8, 0.3))
     assert outputs[-1] == ([], "你好") and spy.calls == []
@@ -265,7 +261,7 @@ def test_closing_a_reply_does_not_wait_for_generation(backend: web_demo.ChatBack
             time.sleep(1.5)  # chat_stream's close joins the generation thread
             closed.set()
 
-    monkeypatch.setattr(utils, "chat_stream", slow_stream)
+    monkeypatch.setattr(generation, "chat_stream", slow_stream)
     gen = web_demo.respond(backend, "你好", [], "孙悟空", 8, 0.8, 0.3)
     next(gen), next(gen)
     t0 = time.perf_counter()
@@ -297,7 +293,7 @@ def test_compare_toggles_adapter(loaded_adapter: tuple[Any, Any], profiles: dict
     for call, history in zip(spy.calls[2:], (base, tuned), strict=True):
         messages = [{"role": "system", "content": system}, *history, {"role": "user", "content": "再见"}]
         assert call["ids"] == utils.build_prompt_ids(
-            tokenizer, messages, utils.max_input_tokens(model, call["config"]), call["config"])
+            tokenizer, messages, generation.max_input_tokens(model, call["config"]), call["config"])
 
     # Cancelled in the middle of the base reply: adapter back on, lock free.
     gen = web_demo.respond_compare(backend, "你好", [], [], "孙悟空", 4, 0.8, 0.3)
@@ -439,7 +435,7 @@ def test_non_loopback_host_warns(tiny_model_dir: Path, capsys: pytest.CaptureFix
         seen.update(kwargs)
         raise utils.UserError("stop before loading")
 
-    monkeypatch.setattr(utils, "load_model_for_inference", fake_load)
+    monkeypatch.setattr(loading, "load_model_for_inference", fake_load)
     rc = utils.run_main(web_demo.main, ["--model_path", str(tiny_model_dir), "--desc_path", str(profiles_path),
                                         "--host", "0.0.0.0", "--device", "0"])
     err = capsys.readouterr().err
@@ -451,7 +447,7 @@ def test_non_loopback_host_warns(tiny_model_dir: Path, capsys: pytest.CaptureFix
 
 def test_busy_port_fails_before_loading(tiny_model_dir: Path, capsys: pytest.CaptureFixture, profiles_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(utils, "load_model_for_inference", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(loading, "load_model_for_inference", lambda *a, **k: pytest.fail("loaded the model"))
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -1,13 +1,19 @@
-"""Tiny Baichuan2 artefacts for tests and scripts: a sentencepiece tokenizer and a random model.
+"""Random tiny model folders, built offline in seconds, for the tests and the benchmark.
 
-The tokenizer mirrors the real one's layout: ids 0/1/2 = <unk>/<s>/</s>, ids 3..196 user-defined
-`<reserved_N>` pieces with 195/196 = `<reserved_106>`/`<reserved_107>` (the chat turn markers), then
-the 256 byte-fallback pieces, then BPE merges (byte fallback, digits split, no dummy prefix, identity
-normalisation). The model is hidden 128 / intermediate 256 / 2 layers / 4 heads (multiples of 128,
-which the CPU 4-bit kernels need) with a generation_config.json mirroring Baichuan2-7B-Chat's.
+Baichuan2 (`make_tiny_model`, `make_tiny_tokenizer`, `tiny_config`): the tokenizer mirrors the real
+one's layout: ids 0/1/2 = <unk>/<s>/</s>, ids 3..196 user-defined `<reserved_N>` pieces with
+195/196 = `<reserved_106>`/`<reserved_107>` (the chat turn markers), then the 256 byte-fallback
+pieces, then BPE merges (byte fallback, digits split, no dummy prefix, identity normalisation),
+trained on `TINY_CORPUS`. The model is hidden 128 / intermediate 256 / 2 layers / 4 heads (multiples
+of 128, which the CPU 4-bit kernels need) with a generation_config.json mirroring Baichuan2-7B-Chat's.
 
-Example:
-    python -c "from tests.tiny import make_tiny_model; print(make_tiny_model('/tmp/tiny-baichuan'))"
+Qwen2 (`make_tiny_qwen2`): a random tiny Qwen2ForCausalLM with a fast byte-level BPE tokenizer and a
+ChatML chat template, no pad token unless asked: the non-Baichuan path (the
+DeepSeek-R1-Distill-Qwen design: Auto classes, chat template, no pad token).
+
+Examples:
+    python -c "from tools.tiny_models import make_tiny_model; print(make_tiny_model('/tmp/tiny-baichuan'))"
+    python tools/tiny_models.py qwen2 /tmp/tiny-qwen2
 """
 
 from __future__ import annotations
@@ -112,7 +118,7 @@ def make_tiny_tokenizer(directory: str | os.PathLike, model_max_length: int = TI
     return directory
 
 
-def tiny_config(**overrides: Any):
+def tiny_config(**overrides: Any) -> Any:
     """A tiny BaichuanConfig (vocab = tiny tokenizer size); keyword arguments override fields."""
     from baichuan import BaichuanConfig
 
@@ -138,10 +144,51 @@ def make_tiny_model(directory: str | os.PathLike, seed: int = 0, **overrides: An
     return directory
 
 
+# ChatML-style template like Qwen2's: the assistant reply is what training puts loss on.
+QWEN2_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN2_CORPUS = [
+    "你好，今天天气很好。", "请问你是谁？我是一个助手。", "刻晴是璃月的玉衡星，使用雷元素。",
+    "孙悟空是齐天大圣，会七十二变。", "the quick brown fox jumps over the lazy dog 0123456789",
+    "system user assistant 角色 问题 回答 性别 国籍 元素力 身份 性格",
+]
+
+
+def make_tiny_qwen2(out_dir: str | Path, with_pad: bool = False, hidden: int = 128) -> Path:
+    """Write a random tiny Qwen2ForCausalLM + fast BPE tokenizer (no pad token unless asked)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=QWEN2_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(QWEN2_CORPUS * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token=None,
+                                   pad_token="<|endoftext|>" if with_pad else None)
+    fast.chat_template = QWEN2_CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    config = Qwen2Config(vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, eos_token_id=fast.eos_token_id,
+                         pad_token_id=fast.pad_token_id, tie_word_embeddings=False)
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    return out
+
+
 __all__ = [
     "ASSISTANT_TOKEN",
     "ASSISTANT_TOKEN_ID",
     "CHAT_GENERATION_CONFIG",
+    "QWEN2_CHAT_TEMPLATE",
+    "QWEN2_CORPUS",
+    "QWEN2_SPECIALS",
     "TINY_CORPUS",
     "TINY_MAX_LENGTH",
     "TINY_MODEL_CONFIG",
@@ -149,8 +196,21 @@ __all__ = [
     "USER_TOKEN",
     "USER_TOKEN_ID",
     "make_tiny_model",
+    "make_tiny_qwen2",
     "make_tiny_tokenizer",
     "reserved_symbols",
     "tiny_config",
     "train_tiny_sentencepiece",
 ]
+
+
+if __name__ == "__main__":
+    import sys
+
+    kind, folder = (sys.argv[1:3] + [None, None])[:2]
+    if kind not in ("baichuan", "qwen2"):
+        sys.exit("usage: python tools/tiny_models.py baichuan|qwen2 [FOLDER]")
+    if str(Path(__file__).resolve().parents[1]) not in sys.path:  # `baichuan` lives in the repo root
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    make = make_tiny_model if kind == "baichuan" else make_tiny_qwen2
+    print(make(folder or f"/tmp/tiny-{kind}"))

@@ -3,12 +3,12 @@ the project's own general data (`data/base/`), saved as a folder that every scri
 exactly like Baichuan2-7B-Chat (config.json, model.safetensors, tokenizer.model,
 tokenizer_config.json, generation_config.json) plus `build_info.json`.
 
-    python -m baichuan.build_default                 # -> output/tiny-baichuan2-chat, ~2 min on 2 cores
+    python tools/build_default.py                    # -> output/tiny-baichuan2-chat, ~2 min on 2 cores
 
 A default already in --out is kept when it was built from the same data files and flags
 (`data_fingerprint` in its build_info.json) and rebuilt in place when they changed.
 
-Why it is built like this (see ../shared/docs/findings.md):
+Why it is built like this:
 - QLoRA cannot teach a random 4-bit base, so the base is first trained full-parameter on
   general chat data: everyday Q&A, persona replies of made-up personas, and attribute Q&A about
   characters that are NOT in the fine-tuning set. The role data stays out of base training, so
@@ -31,17 +31,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-import utils  # the repo root is on sys.path: run this as `python -m baichuan.build_default` from there
-from utils import UserError
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as `python tools/build_default.py`: the shared modules live in the repo root
+    sys.path.insert(0, str(REPO))
 
-REPO = Path(__file__).resolve().parent.parent
+import utils  # noqa: E402  (after the path setup)
+from roleplay.attributes import TEMPLATES_PER_FACT, TRAIN_TEMPLATE_SETS, expand_attributes  # noqa: E402
+from roleplay.devices import bf16_supported  # noqa: E402
+from roleplay.sampler import LengthGroupedBatchSampler  # noqa: E402
+from utils import TEMPLATES_PATH, UserError  # noqa: E402
 
 BASE_DIR = "data/base"
-TEMPLATES_PATH = "data/attribute_templates.json"
+# what build_info.json's "built_by" holds: a folder without it was not built here and is never replaced
+BUILT_BY = "python tools/build_default.py"
+LEGACY_BUILT_BY = ("python -m baichuan.build_default",)  # defaults built before the script moved to tools/
 DELIM = "\u241e"  # pre-tokenization delimiter: never in the text, pieces never cross it
 # Baichuan2's chat markers are ids 195/196; reserve 3..196 so the tiny model uses the same ids.
 RESERVED = [f"<reserved_{i - 89}>" for i in range(3, 197)]
-# Baichuan2-7B-Chat's generation defaults (spec §5); only max_new_tokens is sized for the tiny model.
+# Baichuan2-7B-Chat's generation defaults (its generation_config.json); only max_new_tokens is sized for the
+# tiny model.
 GENERATION = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "user_token_id": 195,
               "assistant_token_id": 196, "max_new_tokens": 128, "temperature": 0.3, "top_k": 5,
               "top_p": 0.85, "repetition_penalty": 1.05, "do_sample": True}
@@ -71,8 +79,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------
 def base_records(base_dir: Path, templates: dict, seed: int) -> list[dict]:
     """General corpus + attribute Q&A about the base's own characters (train + heldout phrasings)."""
-    from data_helper import TEMPLATES_PER_FACT, expand_attributes
-
     records = [r for _, r in utils.read_jsonl(base_dir / "general_corpus.jsonl")]
     table = utils.read_json_object(base_dir / "attributes.json", "base attribute table", "restore it from git")
     records += expand_attributes(table, templates, ["train", "heldout"], seed, per_fact=TEMPLATES_PER_FACT)
@@ -92,8 +98,6 @@ def vocabulary_texts(records: list[dict], templates: dict) -> list[str]:
     inputs (role train files, profiles, attribute tables, train phrasings and answers), for
     coverage only: no weights are trained on role text here. Test files and test phrasings are
     left out, so nothing about the test set shapes the model, not even its pieces."""
-    from data_helper import TRAIN_TEMPLATE_SETS
-
     texts = [r[k] for r in records for k in ("instruction", "input", "output") if r.get(k)]
     for f in fine_tuning_inputs():
         if f.suffix == ".jsonl":
@@ -175,9 +179,7 @@ def pretrain(model: Any, dataset: Any, args: argparse.Namespace) -> list[float]:
     """Full-parameter training: AdamW, linear warmup then cosine decay, bf16 autocast where native."""
     import torch
 
-    from train import bf16_supported
-
-    sampler = utils.LengthGroupedBatchSampler(dataset.lengths, args.batch_size, seed=args.seed)
+    sampler = LengthGroupedBatchSampler(dataset.lengths, args.batch_size, seed=args.seed)
     collator = utils.DataCollator(pad_token_id=0)
     steps_per_epoch = len(sampler.micro_batches(0))
     total = steps_per_epoch * args.epochs
@@ -244,7 +246,7 @@ def up_to_date(out: Path, stamp: str) -> bool:
         info = json.loads((out / "build_info.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         info = None
-    if not isinstance(info, dict) or info.get("built_by") != "python -m baichuan.build_default":
+    if not isinstance(info, dict) or info.get("built_by") not in (BUILT_BY, *LEGACY_BUILT_BY):
         raise UserError(f"{out} holds a model that build_default did not build (no build_info.json); "
                         "pass another --out, or move that folder away")
     if info.get("data_fingerprint") == stamp:
@@ -294,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             f.unlink()
         tok_dir.rmdir()
         utils.write_json(tmp_out / "build_info.json", {
-            "built_by": "python -m baichuan.build_default", "args": vars(args), "params": n_params,
+            "built_by": BUILT_BY, "args": vars(args), "params": n_params,
             "vocab_size": tokenizer.vocab_size, "base_samples": len(dataset), "tokens_per_epoch": n_tokens,
             "epoch_losses": [round(v, 4) for v in losses], "seconds": round(time.perf_counter() - t0, 1),
             "data_fingerprint": stamp,

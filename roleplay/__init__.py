@@ -1,0 +1,18 @@
+"""The role-play pipeline's shared modules above `utils.py` (which holds paths, errors, JSON I/O,
+the system prompt, the one prompt builder, the dataset and the collator):
+
+- `roleplay.sampler`: `LengthGroupedBatchSampler`, length-grouped micro-batches split over ranks;
+- `roleplay.devices`: the one device resolver (training and inference), dtype choice, bf16 support,
+  the device a model sits on;
+- `roleplay.loading`: model-folder checks, the one tokenizer loader, the one NF4 config, loading a
+  model (base, merged, base + LoRA adapter, 4-bit) for inference, LoRA target discovery;
+- `roleplay.generation`: generation settings, prompt budgets, streamed and batched generation;
+- `roleplay.plotting`: the training loss plot;
+- `roleplay.profiling`: per-phase step timers for `train.py --profile`;
+- `roleplay.attributes`: the attribute-table expansion into fact records and its question templates.
+
+Import order runs one way: the stage scripts (data_helper.py, train.py, merge_params.py, predict.py,
+web_demo.py, tools/, bench/) import these modules and `utils`; these import `utils`, each other
+(without cycles) and `baichuan`; `utils` imports none of them; `baichuan` imports nothing of the
+project (tests/test_imports.py checks it). This file imports nothing, so `import roleplay.x` stays cheap.
+"""
