@@ -611,7 +611,8 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=pick_cache(cache, past_key_values),
+            cache=cache,
+            past_key_values=past_key_values,  # the decoder stack picks between the two names
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,

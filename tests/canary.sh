@@ -12,15 +12,12 @@ cd "$(dirname "$0")/.."
 venv=$(mktemp -d "${TMPDIR:-/tmp}/roleplay-canary.XXXXXX")
 trap 'rm -rf "$venv"' EXIT
 pins=${CANARY_PINS:-"transformers peft gradio"}
-links=${PIP_FIND_LINKS:-$(python3 -m pip config get global.find-links 2>/dev/null || true)}
-sources=(--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
-if [[ -n "$links" ]]; then sources=(--find-links "$links"); fi
+source tools/uv_sources.sh
 # Only the named packages move; everything else (torch included) stays at its locked version.
 upgrade=()
 for spec in $pins; do upgrade+=(--upgrade-package "${spec%%[=<>!~]*}"); done
-command -v uv >/dev/null || python3 -m pip install -q uv==0.13.9
-if ! { uv venv -q --python 3.11 "$venv" &&
-       uv pip sync -q --python "$venv/bin/python" "${sources[@]}" requirements-lock.txt &&
+# The locked environment first (as CI's), then only the named packages upgraded.
+if ! { bash tools/fresh_venv.sh "$venv" >/dev/null &&
        # shellcheck disable=SC2086  # $pins is a list of requirement specs
        uv pip install -q --python "$venv/bin/python" "${sources[@]}" "${upgrade[@]}" $pins; }; then
   echo "canary BROKEN: could not install $pins"

@@ -3,13 +3,10 @@
 # transitive, for Python 3.11 on Linux x86-64 with the CPU build of torch.
 #     bash tools/lock.sh            # keep locked versions that still satisfy requirements.txt
 #     bash tools/lock.sh --upgrade  # take the newest versions requirements.txt admits
-# Needs uv (python3 -m pip install uv==0.13.9). The CPU torch wheel comes from the PyTorch CPU index,
-# or from a local wheel folder given in PIP_FIND_LINKS (as on the project's build machines).
+# tools/uv_sources.sh bootstraps the pinned uv and says where the CPU torch wheel comes from.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-sources=(--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
-links=${PIP_FIND_LINKS:-$(python3 -m pip config get global.find-links 2>/dev/null || true)}
-if [[ -n "$links" ]]; then sources=(--find-links "$links"); fi
+source tools/uv_sources.sh
 uv pip compile requirements.txt -o requirements-lock.txt --python-version 3.11 \
   --python-platform x86_64-manylinux_2_28 --no-header --quiet "${sources[@]}" "$@"
 {
