@@ -36,9 +36,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import re
 import sys
+import tempfile
 import time
 import unicodedata
 from collections import Counter, defaultdict
@@ -48,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import utils
+from roleplay import dialogue
 from roleplay.attributes import (
     TEMPLATES_PER_FACT,
     TEST_TEMPLATE_SETS,
@@ -57,11 +60,19 @@ from roleplay.attributes import (
 )
 from utils import TEMPLATES_PATH, DataError
 
+DIALOGUES_PER_ROLE = 40  # multi-turn role conversations per role (about a third of a role's records)
+ATTRIBUTE_DIALOGUES = 300  # multi-turn attribute conversations
+EVAL_DIALOGUES = 16  # multi-turn test conversations per depth
+
 SPLITS = ("train", "test")
 KINDS = ("general", "role_specific")
 SOURCES = {"general": "rolebench_general", "role_specific": "rolebench_role_specific"}
 ADDRESS_SEP = "，"
 MAX_LISTED = 20  # examples listed per summary section; the counts are always complete
+# Longest question or reference accepted, in characters. The published RoleBench-zh texts stay far
+# below it (the shipped files: under 450 characters a line) and training keeps 512 tokens of a
+# sample, so a text this long is a broken line (files pasted together, a missing line break).
+MAX_TEXT_CHARS = 20_000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,15 +129,21 @@ def find_rolebench_files(data_dir: str | Path, report: Report) -> dict[tuple[str
         report.notes.append(f"RoleBench layout: {name} in {data_dir} ({len(present)} of 4 files)")
         if missing:
             report.warnings.append("missing RoleBench files (their records are left out): " + ", ".join(missing))
+        empty = [str(p) for p in present.values() if p.stat().st_size == 0]
+        if empty:  # read as 0 records; a failed download or copy looks exactly like this
+            report.warnings.append("empty RoleBench files (0 bytes, no records read): " + ", ".join(empty))
         return present
     return {}
 
 
-def _no_data_error(data_dir: str | Path) -> DataError:
+def _no_data_error(data_dir: str | Path, attributes: bool) -> DataError:
     paths = _layouts(Path(data_dir))
     flat, published = paths["flat"][("general", "train")], paths["published"][("general", "train")]
-    return DataError(f"{data_dir}: no RoleBench files (looked for {flat.name} and friends, or {published}) and "
-                     "attributes are disabled; put RoleBench-zh there, pass --data_dir, or pass --attributes")
+    where = "" if Path(data_dir).is_dir() else "no such folder; "
+    fix = ("pass --data_dir '' to build from the attribute table only" if attributes
+           else "attributes are disabled too (--attributes '')")
+    return DataError(f"{data_dir}: no RoleBench files ({where}looked for {flat.name} and friends, or {published}); "
+                     f"check --data_dir (put RoleBench-zh there or point at it), or {fix}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,9 +171,9 @@ def _parse_line(path: Path, lineno: int, raw: bytes) -> dict | DataError | None:
     if not line.strip():
         return None
     try:
-        record = json.loads(line)
+        record = json.loads(line.rstrip("\r\n"))  # a line cut short is blamed at its end, not on "column 1"
     except json.JSONDecodeError as e:
-        return DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); fix or remove the line")
+        return DataError(f"{path}:{lineno}: malformed JSON ({utils.json_error_text(e)}); fix or remove the line")
     except (ValueError, RecursionError) as e:  # a 5000-digit number or 10^5 nested brackets: valid JSON, still bad
         return DataError(f"{path}:{lineno}: unreadable JSON ({type(e).__name__}); fix or remove the line")
     if not isinstance(record, dict):
@@ -171,6 +188,9 @@ def _check_text(value: Any, name: str, where: str) -> str:
         raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}; fix the record")
     if not value.strip():
         raise DataError(f"{where}: field {name!r} is empty; fix or remove the record")
+    if len(value) > MAX_TEXT_CHARS:
+        raise DataError(f"{where}: field {name!r} is {len(value):,} characters, over the {MAX_TEXT_CHARS:,}-character "
+                        "cap (a broken line? two records run together?); fix or remove the record")
     if not value.isascii():
         try:
             value.encode("utf-8")
@@ -352,7 +372,7 @@ def load_attributes(table_path: Path, templates_path: Path, seed: int, report: R
 
 @dataclass
 class Options:
-    data_dir: str = utils.DATA_DIR
+    data_dir: str = utils.DATA_DIR  # "": no RoleBench, an attribute-only build
     profiles: str | None = None  # None: the data_dir's own profiles file, else utils.PROFILES_PATH
     attributes: str = utils.ATTRIBUTES_PATH  # "" disables attributes
     templates: str = TEMPLATES_PATH
@@ -361,6 +381,11 @@ class Options:
     strip_address: bool = False
     seed: int = 42
     templates_per_fact: int = TEMPLATES_PER_FACT
+    dialogue_templates: str = utils.DIALOGUE_TEMPLATES_PATH
+    # multi-turn conversations: none unless asked (the command line asks, with DIALOGUES_PER_ROLE etc.)
+    dialogues_per_role: int = 0
+    attribute_dialogues: int = 0
+    eval_dialogues: int = 0
     output_dir: str = str(Path(utils.TRAIN_PATH).parent)
     skip_bad: bool = False
 
@@ -380,7 +405,7 @@ def profiles_path(opts: Options) -> tuple[Path, str]:
     downloaded RoleBench names roles the repo's profiles lack), else utils.PROFILES_PATH."""
     if opts.profiles:
         return Path(opts.profiles), "--profiles"
-    for candidate in profiles_candidates(opts.data_dir):
+    for candidate in profiles_candidates(opts.data_dir) if opts.data_dir else []:
         if candidate.is_file():
             return candidate, "the profiles of --data_dir"
     return Path(utils.PROFILES_PATH), "default"
@@ -403,12 +428,15 @@ def _role_filter(opts: Options, report: Report) -> RoleFilter:
 def build(opts: Options) -> tuple[list[dict], list[dict], Report]:
     """(train, test, report) from the inputs; nothing is written. Raises DataError on bad input."""
     report = Report(skip_bad=opts.skip_bad)
-    files = find_rolebench_files(opts.data_dir, report)
+    files = find_rolebench_files(opts.data_dir, report) if opts.data_dir else {}
+    if opts.data_dir and not files:
+        # a mistyped --data_dir must not quietly become an attribute-only build (which would then
+        # replace data/train.json): that build is asked for explicitly, with --data_dir ''
+        raise _no_data_error(opts.data_dir, bool(opts.attributes))
     if not files and not opts.attributes:
-        raise _no_data_error(opts.data_dir)
+        raise DataError("--data_dir '' and --attributes '' leave nothing to build from; pass one of them")
     if not files:
-        # allowed (an attribute-only build), but a mistyped --data_dir must not go unnoticed
-        report.warnings.append(f"no RoleBench files in {opts.data_dir}: building from the attribute table only")
+        report.notes.append("--data_dir '': no RoleBench data, building from the attribute table only")
     parts = []
     if files or opts.roles is not None:
         roles = _role_filter(opts, report)
@@ -420,7 +448,16 @@ def build(opts: Options) -> tuple[list[dict], list[dict], Report]:
     train = _dedupe([r for p in parts for r in p["train"]], report)
     test = _dedupe([r for p in parts for r in p["test"]], report)
     if not train:
-        raise DataError(f"{opts.data_dir}: no training records left after filtering; check --roles and the inputs")
+        raise DataError(f"{opts.data_dir or '--attributes'}: no training records left after filtering; check --roles "
+                        "and the inputs")
+    if opts.dialogues_per_role or opts.attribute_dialogues or opts.eval_dialogues:
+        # only attribute conversations need the follow-up phrasings
+        needed = any(r["source"] == "attribute" for r in (*train, *test))
+        templates = dialogue.load_dialogue_templates(opts.dialogue_templates) if needed else {}
+        train += dialogue.compose_training_conversations(train, templates, opts.seed, opts.dialogues_per_role,
+                                                         opts.attribute_dialogues)
+        test += dialogue.compose_eval_conversations(test, templates, opts.seed, opts.eval_dialogues,
+                                                    max(1, opts.eval_dialogues // 8))
     random.Random(opts.seed).shuffle(train)  # records come grouped by file and role; training wants them mixed
     return train, test, report
 
@@ -448,14 +485,52 @@ def _dedupe(records: list[dict], report: Report) -> list[dict]:
 
 
 def write_outputs(output_dir: str | Path, train: list[dict], test: list[dict]) -> tuple[Path, Path]:
-    """Write both files, or neither: everything is encoded first, then each file goes in atomically."""
+    """Write both files, or neither: both are encoded and staged under temporary names first, then
+    renamed into place; when a rename fails, the files already replaced get their old content back."""
     paths = (Path(output_dir) / Path(utils.TRAIN_PATH).name, Path(output_dir) / Path(utils.TEST_PATH).name)
     payloads = [_encode(records, path) for records, path in zip((train, test), paths, strict=True)]
-    # nested: an error writing test.json also discards train.json's temporary file
-    with utils.atomic_path(paths[0]) as tmp_train, utils.atomic_path(paths[1]) as tmp_test:
-        tmp_train.write_bytes(payloads[0])
-        tmp_test.write_bytes(payloads[1])
+    utils.make_parent_dir(paths[0])
+    with tempfile.TemporaryDirectory(prefix=".data_helper.tmp-", dir=paths[0].parent) as tmp:
+        staged = [Path(tmp) / path.name for path in paths]
+        for data, temp, path in zip(payloads, staged, paths, strict=True):
+            try:
+                temp.write_bytes(data)
+            except OSError as e:
+                raise DataError(f"{path}: cannot be written ({e.strerror or e}); nothing was changed: check free "
+                                "space and the folder's permissions") from e
+        _replace_together(list(zip(staged, paths, strict=True)))
     return paths
+
+
+def _replace_together(moves: list[tuple[Path, Path]]) -> None:
+    """os.replace each (staged, target) pair; on a failure, undo the ones done (old content back, or
+    the new file removed where there was none) and raise a DataError naming the target that failed.
+    The old content is kept under a hard link (a copy where links are not supported) beside it."""
+    import shutil
+
+    done: list[tuple[Path, Path | None]] = []  # (target, backup of its old content or None)
+    try:
+        for staged, target in moves:
+            backup = None
+            if target.exists():
+                backup = staged.with_name(staged.name + ".old")
+                try:
+                    os.link(target, backup)
+                except OSError:
+                    shutil.copy2(target, backup)
+            try:
+                os.replace(staged, target)
+            except OSError as e:
+                raise DataError(f"{target}: cannot be written ({e.strerror or e}); nothing was changed: check "
+                                "the folder's permissions and free space") from e
+            done.append((target, backup))
+    except BaseException:
+        for target, backup in reversed(done):
+            if backup is None:
+                target.unlink(missing_ok=True)
+            else:
+                os.replace(backup, target)
+        raise
 
 
 def _encode(records: list[dict], path: Path) -> bytes:
@@ -478,19 +553,27 @@ def percentile(sorted_values: Sequence[int], q: float) -> int:
 
 
 def _length_line(records: Sequence[dict]) -> str:
-    lengths = sorted(len(r["output"]) for r in records)
+    lengths = sorted(len(_last_reply(r)) for r in records)
     return (f"n={len(lengths)} p50={percentile(lengths, 0.5)} p90={percentile(lengths, 0.9)} "
             f"max={lengths[-1] if lengths else 0}")
+
+
+def _last_reply(record: dict) -> str:
+    """A record's (last) answer: `output`, the last assistant message, or a dialogue test record's nothing."""
+    if "messages" in record:
+        return record["messages"][-1]["content"]
+    return record.get("output", "")
 
 
 def find_overlap(train: Sequence[dict], test: Sequence[dict]) -> tuple[list[dict], list[dict]]:
     """Test records whose question is also a train question: (same role, only under other roles)."""
     train_roles: dict[str, set[str]] = defaultdict(set)
     for r in train:
-        train_roles[r["input"]].add(r["role"])
+        if "input" in r:  # composed conversations reuse the single-turn records' questions
+            train_roles[r["input"]].add(r["role"])
     same, other = [], []
     for r in test:
-        roles = train_roles.get(r["input"])
+        roles = train_roles.get(r.get("input", ""))
         if roles:
             (same if r["role"] in roles else other).append(r)
     return same, other
@@ -560,11 +643,24 @@ def _role_list(text: str) -> list[str]:
     return sorted(set(roles), key=roles.index)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+def _whole_number(text: str, minimum: int) -> int:
+    # ArgumentTypeError, not ValueError: argparse then prints this text instead of "invalid
+    # _positive_int value", the name of a function the user never sees
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _whole_number(text, 0)
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -572,7 +668,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                                 "RoleBench-zh and the character attribute table.")
     p.add_argument("--data_dir", default=utils.DATA_DIR,
                    help="folder with RoleBench-zh files, flat (rolebench-zh_general_train.jsonl ...) "
-                        "or published (rolebench-zh/general/train.jsonl ...); default %(default)s")
+                        "or published (rolebench-zh/general/train.jsonl ...); a folder without them is an "
+                        "error; '' for an attribute-only build; default %(default)s")
     p.add_argument("--profiles", default=None,
                    help="JSON object role -> description; default the profiles file of --data_dir "
                         f"(profiles-zh_desc.json or profiles-zh/desc.json), else {utils.PROFILES_PATH}")
@@ -589,8 +686,20 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                    help="drop the leading address (text up to the first '，') from role-specific questions")
     p.add_argument("--seed", type=int, default=42,
                    help="seed of the train shuffle and the answer templates; default %(default)s")
-    p.add_argument("--templates_per_fact", type=int, default=TEMPLATES_PER_FACT,
+    p.add_argument("--templates_per_fact", type=_non_negative_int, default=TEMPLATES_PER_FACT,
                    help="train phrasings drawn per (character, attribute) from the train pool (0: all); "
+                        "default %(default)s")
+    p.add_argument("--dialogue_templates", default=utils.DIALOGUE_TEMPLATES_PATH,
+                   help="follow-up questions for multi-turn attribute conversations; default %(default)s")
+    p.add_argument("--dialogues_per_role", type=_non_negative_int, default=DIALOGUES_PER_ROLE,
+                   help="multi-turn training conversations (2-5 rounds) composed per RoleBench role from its "
+                        "records, in the `messages` form (0: none); default %(default)s")
+    p.add_argument("--attribute_dialogues", type=_non_negative_int, default=ATTRIBUTE_DIALOGUES,
+                   help="multi-turn attribute conversations for training, with follow-ups that name the "
+                        "character only by context (0: none); default %(default)s")
+    p.add_argument("--eval_dialogues", type=_non_negative_int, default=EVAL_DIALOGUES,
+                   help="multi-turn test conversations per depth 1-5 (a fact asked at round k), the same number "
+                        "asking one fact twice, and 1 role conversation per role and depth per 8 (0: none); "
                         "default %(default)s")
     p.add_argument("--output_dir", default=str(Path(utils.TRAIN_PATH).parent),
                    help="where train.json and test.json go; default %(default)s")
@@ -607,7 +716,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         train, test, report = build(opts)
         paths = write_outputs(opts.output_dir, train, test)
-    except DataError as e:
+    except utils.UserError as e:  # bad data (DataError) or an output that cannot be written
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # unreadable input or unwritable output: same one-line contract

@@ -2,9 +2,13 @@ r"""Merge a LoRA/QLoRA checkpoint into its base model and save one complete mode
 
 The base is loaded *unquantized* (even for QLoRA checkpoints), the adapter is applied and folded
 into the weights in place (`merge_and_unload`), and the result is written as a normal model folder
-(safetensors weights, config, generation config, tokenizer, and a run_config.json recording the
-merge) that `AutoModelForCausalLM` (after `import baichuan` for Baichuan2), predict.py and the web
-demo load directly. The folder appears only when complete: it is written under a temporary name,
+(safetensors weights, config, generation config, tokenizer with its chat template, and a
+run_config.json recording the merge) that `AutoModelForCausalLM` (after `import baichuan` for
+Baichuan2), predict.py and the web demo load directly. A Baichuan folder also holds our own model
+code (configuration/modeling/tokenization files from baichuan/) named by `auto_map`, and a chat
+template derived from the prompt builder, so tools that know nothing of this repository open it:
+transformers with remote code allowed (`trust_remote_code`), vLLM's OpenAI server (see the README; not verified here).
+The folder appears only when complete: it is written under a temporary name,
 reloaded, checked (on a few prompts the merged model's logits must match base + adapter within a
 tolerance, the max abs difference is printed), and only then renamed into place. A failed check
 exits with status 1 and leaves no output folder.
@@ -77,6 +81,7 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[str, str]:
     if ckpt.is_dir() and not loading.is_adapter_dir(ckpt) and (ckpt / "config.json").is_file():
         raise UserError(f"{ckpt}: a full-model checkpoint (no adapter_config.json): it is already a complete "
                         "model folder, nothing to merge; load it directly")
+    loading.check_adapter_dir(str(ckpt), "--model_dir")  # names the flag this script has
     base = args.ori_model_dir
     if base is None:
         base, _ = loading.resolve_model_paths(str(ckpt))  # the checkpoint's run_config base_model
@@ -91,6 +96,7 @@ def check_output_dir(out: Path, overwrite: bool, inputs: list[str]) -> None:
             raise UserError(f"--save_model_dir {out} overlaps an input folder ({src}); pick a separate folder")
     if out.exists() and not out.is_dir():
         raise UserError(f"--save_model_dir {out} exists and is not a folder; pick another path")
+    utils.check_output_parent(out)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--save_model_dir {out} exists and is not empty; pass --overwrite to replace it "
                         "or pick another folder")
@@ -111,7 +117,8 @@ def resolve_dtype_name(choice: str, base_dir: str) -> str:
 # ---------------------------------------------------------------------------------------------
 def check_prompt_ids(tokenizer: Any, generation_config: Any) -> list[list[int]]:
     markers = generation_config if hasattr(generation_config, "user_token_id") else None
-    return [utils.build_prompt_ids(tokenizer, m, 256, markers) for m in CHECK_PROMPTS]
+    # the newest 256 ids of each: the check compares logits, any prompt fits a model's context that way
+    return [utils.build_prompt_ids(tokenizer, m, 10**9, markers)[-256:] for m in CHECK_PROMPTS]
 
 
 def prompt_logits(model: Any, prompts: list[list[int]]) -> list[Any]:
@@ -243,12 +250,107 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def save_model(model: Any, tokenizer: Any, folder: Path) -> None:
-    """Weights (safetensors), config, generation config and tokenizer into `folder`."""
+    """Weights (safetensors), config, generation config and tokenizer (with its chat template) into
+    `folder`; a Baichuan folder also gets the model code and `auto_map` other tools load it through."""
+    generation_config = getattr(model, "generation_config", None)
+    baichuan_model = utils.is_baichuan_tokenizer(tokenizer)
+    if baichuan_model:
+        tokenizer.chat_template = baichuan_chat_template(tokenizer, generation_config)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and not (folder / "generation_config.json").is_file():
         generation_config.save_pretrained(folder)
+    if baichuan_model:
+        add_remote_code(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# A folder other tools load: Baichuan's code and auto_map, the chat template
+# ---------------------------------------------------------------------------------------------
+# What transformers (with remote code allowed), vLLM and other tools import a Baichuan folder through: our
+# own baichuan/ files (they import only libraries and each other, relatively), named by `auto_map`.
+REMOTE_CODE_FILES = ("configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py",
+                     "generation_utils.py", "quantizer.py")
+MODEL_AUTO_MAP = {"AutoConfig": "configuration_baichuan.BaichuanConfig",
+                  "AutoModel": "modeling_baichuan.BaichuanModel",
+                  "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"}
+TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_baichuan.BaichuanTokenizer", None]}
+
+
+def add_remote_code(folder: Path) -> None:
+    """Copy the Baichuan model code into `folder` and name it in config.json / tokenizer_config.json
+    (`auto_map`). Our own loaders keep using the registered classes (`import baichuan`) without
+    trust_remote_code: a model type transformers knows locally wins over a folder's code."""
+    import shutil
+
+    import baichuan
+
+    source = Path(baichuan.__file__).resolve().parent
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(source / name, folder / name)
+    for file_name, auto_map in (("config.json", MODEL_AUTO_MAP), ("tokenizer_config.json", TOKENIZER_AUTO_MAP)):
+        path = folder / file_name
+        config = utils.read_json_object(path, file_name, "re-run merge_params.py", UserError)
+        config["auto_map"] = auto_map
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+CHAT_PROBE = ("\u0391", "\u0392", "\u0393", "\u0394")  # four contents the builder's output is split at
+
+
+def baichuan_chat_template(tokenizer: Any, generation_config: Any = None) -> str:
+    """A Jinja chat template that renders a conversation to exactly the ids of the one prompt builder
+    (`utils.build_prompt_ids`, the Baichuan2 layout), so an OpenAI-compatible server (vLLM) chats with
+    the folder the way training prompted the model. Derived from the builder, not written a second
+    time: the builder's ids for a probe conversation (system, user, assistant, user) are split at the
+    probe contents, and the ids between them (the turn markers) become the template's literals.
+
+    What it cannot copy: the builder cuts the oldest rounds to the context budget (a server refuses an
+    over-long prompt instead) and encodes message text that spells a marker as plain text (a template
+    passes text through, so such text becomes the marker).
+    """
+    def probe(messages: list[dict[str, str]]) -> list[list[int]]:
+        ids = utils.build_prompt_ids(tokenizer, messages, 10**9, generation_config)
+        pieces, pos = [], 0
+        for m in messages:
+            content = utils.encode_text(tokenizer, m["content"])
+            start = next((i for i in range(pos, len(ids) - len(content) + 1) if ids[i:i + len(content)] == content),
+                         None)
+            if start is None:
+                raise UserError("the chat layout cannot be expressed as a template (a message's text is not "
+                                "encoded on its own); the folder is written without a chat template")
+            pieces.append(ids[pos:start])
+            pos = start + len(content)
+        return [*pieces, ids[pos:]]
+
+    roles = ("system", "user", "assistant", "user")
+    system_prefix, user, assistant, user_again, generation_prompt = probe(
+        [{"role": r, "content": c} for r, c in zip(roles, CHAT_PROBE, strict=True)])
+    user_first, generation_prompt_again = probe([{"role": "user", "content": CHAT_PROBE[1]}])
+    if user != user_again or user != user_first or generation_prompt != generation_prompt_again:
+        raise UserError("the chat layout's turn markers depend on the position; no template written")
+    literal = {name: _ids_literal(tokenizer, ids) for name, ids in
+               (("system", system_prefix), ("user", user), ("assistant", assistant), ("prompt", generation_prompt))}
+    return (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'system' -%}"
+        "{%- if not loop.first -%}{{ raise_exception('a system message is only allowed first') }}{%- endif -%}"
+        f"{literal['system']}{{{{ message['content'] }}}}"
+        f"{{%- elif message['role'] == 'user' -%}}{literal['user']}{{{{ message['content'] }}}}"
+        f"{{%- else -%}}{literal['assistant']}{{{{ message['content'] }}}}"
+        "{%- endif -%}{%- endfor -%}"
+        "{%- if add_generation_prompt and messages[-1]['role'] != 'assistant' -%}"
+        f"{literal['prompt']}{{%- endif -%}}"
+    )
+
+
+def _ids_literal(tokenizer: Any, ids: list[int]) -> str:
+    """A Jinja expression for the token strings that the tokenizer encodes back to exactly `ids` (turn
+    markers are whole pieces)."""
+    text = "".join(tokenizer.convert_ids_to_tokens(ids)) if ids else ""
+    if utils.encode_text(tokenizer, text) != list(ids):
+        raise UserError(f"turn-marker ids {ids} have no text that encodes back to them; no chat template written")
+    return "{{ " + json.dumps(text, ensure_ascii=False) + " }}"  # a Jinja string literal: no text is markup
 
 
 def check_saved(folder: Path, torch_dtype: Any, device: Any, prompts: list[list[int]], reference: list[Any],

@@ -4,6 +4,11 @@ Interactive (asks for a role from the profiles file, then chats with history):
     python predict.py --model_path output/merged --desc_path data/profiles-zh_desc.json
     python predict.py --model_path output/qlora/epoch-1-step-100          # base + adapter
     python predict.py --model_path Baichuan2-7B-Chat --adapter_dir output/qlora/epoch-1-step-100 --role 孙悟空
+    python predict.py --model_path output/tiny-baichuan2-chat \
+        --adapter 孙悟空=output/tiny-qlora-roles/孙悟空/epoch-3-step-N \
+        --adapter 赵子龙=output/tiny-qlora-roles/赵子龙/epoch-3-step-N
+  With --adapter ROLE=PATH (repeatable) one base holds one adapter per role: each role talks with its own
+  adapter; roles without one use the shared --adapter_dir when given, else the base (the start says which).
   Commands: /reset (clear history), /role NAME (switch role, clears history), /roles (list roles),
   /quit; Ctrl-D (EOF) quits. Works with piped stdin, e.g. `printf '1\n你好\n' | python predict.py ...`.
 
@@ -20,9 +25,17 @@ Batch (one reply per test record, greedy by default, then metrics):
     assistant, or call themselves by another role's name ("我是李白" from 孙悟空);
   - fact-answer leak rate over RoleBench records: replies that reuse the attribute answers' wording
     ("…的身份是…") or name an attribute character other than the role (when the file has both);
+  - reply quality of RoleBench replies: degenerate share (some 3-gram three or more times), distinct-2,
+    mean length;
+  - multi-turn (records with source "dialogue", from data_helper.py): each conversation is generated
+    round by round with the model's own replies as history; fact accuracy by depth (a fact asked at
+    round k after k-1 other rounds), out-of-character rate by depth, consistency (one fact asked twice);
   - generated tokens per second.
 Record prompts are built exactly as training built them: system = record["instruction"] (kept
 even when empty, as train.py keeps it), user = record["input"], through utils.build_prompt_ids.
+With --adapter ROLE=PATH each record (and conversation) runs with the adapter of its `role` (roles
+without one: the shared --adapter_dir, else the base; the counts are printed). Each adapter's records
+run as their own batches: on CPU that is faster than batches mixing adapters per row (bench/adapters.py).
 """
 
 from __future__ import annotations
@@ -36,7 +49,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import utils
-from roleplay import generation, loading
+from roleplay import adapters, dialogue, generation, loading
 from utils import DataError, UserError
 
 RESET_CMD, ROLE_CMD, ROLES_CMD, QUIT_CMDS = "/reset", "/role", "/roles", ("/quit", "/exit")
@@ -48,7 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--model_path", default=utils.DEFAULT_BASE_DIR,
                    help="model folder (base or merged), or a train.py LoRA checkpoint (its base is read "
                         "from run_config.json)")
-    g.add_argument("--adapter_dir", default=None, help="LoRA checkpoint to apply on top of --model_path")
+    g.add_argument("--adapter_dir", default=None,
+                   help="LoRA checkpoint to apply on top of --model_path (with --adapter: for roles without their own)")
+    g.add_argument("--adapter", action="append", default=[], metavar="ROLE=PATH",
+                   help="a role's own LoRA checkpoint on the same base (repeatable: one base, one adapter per role)")
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     g.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="compute dtype (auto: bf16 on cuda, fp32 on cpu)")
@@ -204,11 +220,22 @@ def is_attribute(record: dict) -> bool:
     return record.get("source") == "attribute"
 
 
+def is_dialogue(record: dict) -> bool:
+    """A multi-turn test conversation (roleplay/dialogue.py), scored round by round."""
+    return record.get("source") == dialogue.EVAL_SOURCE
+
+
 def load_test_records(path: str, limit: int | None = None) -> list[tuple[int, dict]]:
     """(line number, record) of the test file, validated; DataError names file:line."""
     out = []
     for lineno, record in utils.read_jsonl(path):
         where = f"{path}:{lineno}"
+        if is_dialogue(record):
+            dialogue.check_eval_record(record, where)
+            out.append((lineno, record))
+            if limit is not None and len(out) >= limit:
+                break
+            continue
         for key in ("instruction", "input"):
             if not isinstance(record.get(key), str):
                 raise DataError(f"{where}: field {key!r} missing or not a string; test records need "
@@ -288,6 +315,7 @@ def compute_metrics(records: Sequence[dict], predictions: Sequence[str], roles: 
             hit = fact_matches(record, pred)
             attr[record["attribute"]].append(hit)
             tset[record["template_set"]].append(hit)
+    role_replies = [p for r, p in zip(records, predictions, strict=True) if is_rolebench(r)]
     all_rouge = [v for vs in rouge.values() for v in vs]
     all_ooc = [v for vs in ooc.values() for v in vs]
     all_attr = [v for vs in attr.values() for v in vs]
@@ -306,6 +334,7 @@ def compute_metrics(records: Sequence[dict], predictions: Sequence[str], roles: 
                              "examples": examples},
         "fact_answer_leak": {"rate": sum(leaks) / len(leaks) if leaks and phrases | fact_names else None,
                              "flagged": sum(leaks), "n": len(leaks), "examples": leak_examples},
+        "role_reply_quality": dialogue.reply_quality(role_replies),
     }
     if stats is not None:
         seconds = stats.get("seconds", 0.0)
@@ -338,11 +367,33 @@ def format_metrics(m: dict[str, Any]) -> str:
         lines.append(f"fact-answer leak rate (RoleBench replies that answer an attribute question nobody asked): "
                      f"{num(leak['rate'], '.2%')} ({leak['flagged']}/{leak['n']})")
         lines += [f"  e.g. [{e['role']}] {e['reason']}: {e['prediction'][:40]!r}" for e in leak["examples"][:3]]
+    q = m.get("role_reply_quality")
+    if q and q["n"]:
+        lines.append(f"role replies: degenerate {num(q['degenerate_rate'], '.2%')} ({q['degenerate']}/{q['n']}), "
+                     f"distinct-2 {num(q['distinct_2'])}, mean length {num(q['mean_chars'], '.1f')} characters")
+    lines += _multi_turn_lines(m.get("multi_turn"), num)
     if "generation" in m:
         g = m["generation"]
         lines.append(f"generation: {g['generated_tokens']} tokens in {g['seconds']:.1f}s = "
                      f"{num(g['tokens_per_s'], '.1f')} tokens/s")
     return "\n".join(lines)
+
+
+def _multi_turn_lines(mt: dict[str, Any] | None, num: Any) -> list[str]:
+    if not mt:
+        return []
+    lines = [f"multi-turn ({mt['conversations']} conversations, the model's own replies as history):"]
+    lines += [f"  fact accuracy at round {k}: {num(v['accuracy'], '.2%')} ({v['correct']}/{v['n']})"
+              for k, v in mt["fact_accuracy_by_depth"].items()]
+    lines += [f"  out-of-character rate at round {k}: {num(v['rate'], '.2%')} ({v['hits']}/{v['n']})"
+              for k, v in mt["out_of_character_by_depth"].items()]
+    c = mt["consistency"]
+    lines.append(f"  consistency (one fact asked twice): {num(c['rate'], '.2%')} ({c['hits']}/{c['n']})")
+    q = mt["role_reply_quality"]
+    if q["n"]:
+        lines.append(f"  role replies: degenerate {num(q['degenerate_rate'], '.2%')}, distinct-2 "
+                     f"{num(q['distinct_2'])}, mean length {num(q['mean_chars'], '.1f')}")
+    return lines
 
 
 def headline(m: dict[str, Any]) -> dict[str, float | None]:
@@ -355,6 +406,17 @@ def headline(m: dict[str, Any]) -> dict[str, float | None]:
     rows["out-of-character rate"] = m["out_of_character"]["rate"]
     if m.get("fact_answer_leak", {}).get("rate") is not None:
         rows["fact-answer leak rate"] = m["fact_answer_leak"]["rate"]
+    q = m.get("role_reply_quality")
+    if q and q["n"]:
+        rows["degenerate role-reply rate"] = q["degenerate_rate"]
+        rows["distinct-2 of role replies"] = q["distinct_2"]
+    mt = m.get("multi_turn")
+    if mt:
+        rows |= {f"fact accuracy at round {k}": v["accuracy"] for k, v in mt["fact_accuracy_by_depth"].items()}
+        ooc = [v for v in mt["out_of_character_by_depth"].values() if v["n"]]
+        if ooc:
+            rows["out-of-character rate, worst round"] = max(v["rate"] for v in ooc)
+        rows["consistency rate"] = mt["consistency"]["rate"]
     if m.get("generation"):
         rows["generated tokens/s"] = m["generation"]["tokens_per_s"]
     return rows
@@ -388,40 +450,128 @@ def generation_overrides(args: argparse.Namespace, batch: bool) -> dict[str, Any
             "top_k": args.top_k, "repetition_penalty": args.repetition_penalty, "do_sample": do_sample}
 
 
+def batch_plan(lengths: Sequence[int], adapter_of: Sequence[str | None],
+               batch_size: int) -> list[tuple[str | None, list[int]]]:
+    """(adapter, record indices) batches: each adapter's records apart (one adapter active per batch),
+    longest prompts first within each (similar lengths share a batch), adapters in order of appearance."""
+    plan = []
+    for name in dict.fromkeys(adapter_of):
+        order = sorted((i for i, a in enumerate(adapter_of) if a == name), key=lambda i: -lengths[i])
+        plan += [(name, order[start:start + batch_size]) for start in range(0, len(order), batch_size)]
+    return plan
+
+
+class RoleAdapters:
+    """Which adapter each role runs with: its own (--adapter), else the shared one (--adapter_dir, or a
+    checkpoint as --model_path), else none (the base). Without --adapter every role runs the model as
+    loaded and `using` does nothing."""
+
+    def __init__(self, model: Any, specs: dict[str, str] | None = None, names: dict[str, str] | None = None,
+                 shared: str | None = None, shared_dir: str | None = None) -> None:
+        self.specs, self.names, self.shared, self.shared_dir = specs or {}, names or {}, shared, shared_dir
+        self.switch = adapters.AdapterSwitch(model) if self.names else None
+
+    def adapter_for(self, role: str) -> str | None:
+        return adapters.role_adapter(role, self.names, self.shared)
+
+    def using(self, name: str | None) -> Any:
+        import contextlib
+
+        return self.switch.using(name) if self.switch is not None else contextlib.nullcontext()
+
+    def per_adapter(self, records: Sequence[dict], run: Any) -> list[Any]:
+        """`run(group)` for each adapter's records (that adapter active), results back in record order."""
+        out: list[Any] = [None] * len(records)
+        adapter_of = [self.adapter_for(str(r.get("role", ""))) for r in records]
+        for name in dict.fromkeys(adapter_of):
+            indices = [i for i, a in enumerate(adapter_of) if a == name]
+            with self.using(name):
+                results = run([records[i] for i in indices])
+            for i, result in zip(indices, results, strict=True):
+                out[i] = result
+        return out
+
+    def fallback(self) -> str:
+        return f"the shared adapter {self.shared_dir}" if self.shared else "the base model (no adapter)"
+
+    def describe(self, role: str) -> str:
+        """Which weights a role talks with, in words."""
+        return f"adapter {self.specs[role]}" if role in self.specs else self.fallback()
+
+    def describe_records(self, records: Sequence[dict]) -> str:
+        counts: dict[str, int] = defaultdict(int)
+        for r in records:
+            counts[str(r.get("role", ""))] += 1
+        own = [f"{role} -> {path} ({counts.get(role, 0)} records)" for role, path in self.specs.items()]
+        rest = sum(n for role, n in counts.items() if role not in self.specs)
+        return f"adapters: {'; '.join(own)}; other roles ({rest} records): {self.fallback()}"
+
+
 def run_batch(args: argparse.Namespace, model: Any, tokenizer: Any, items: list[tuple[int, dict]],
-              extra_roles: Iterable[str], baseline: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Generate a reply for every record (longest prompts first, in batches), write predictions and
-    metrics; with `baseline` (another run's metrics), also print the two side by side."""
+              extra_roles: Iterable[str], baseline: dict[str, Any] | None = None,
+              role_adapters: RoleAdapters | None = None) -> dict[str, Any]:
+    """Generate a reply for every record (longest prompts first, in batches; with role adapters, each
+    adapter's records in their own batches), write predictions and metrics; with `baseline` (another
+    run's metrics), also print the two side by side."""
     from tqdm import tqdm
 
+    role_adapters = role_adapters or RoleAdapters(model)
+
     config = generation.generation_config_for(model, **generation_overrides(args, batch=True))
-    records = [r for _, r in items]
+    conversations = [r for _, r in items if is_dialogue(r)]
+    records = [r for _, r in items if not is_dialogue(r)]
     messages = [generation.record_messages(r) for r in records]
     lengths = [len(generation.chat_prompt_ids(model, tokenizer, m, config)) for m in messages]
-    order = sorted(range(len(records)), key=lambda i: -lengths[i])  # similar lengths share a batch
+    adapter_of = [role_adapters.adapter_for(str(r.get("role", ""))) for r in records]
+    if role_adapters.names:
+        print(role_adapters.describe_records([r for _, r in items]), file=sys.stderr)
     predictions: list[str] = [""] * len(records)
     stats: dict[str, Any] = {}
     with tqdm(total=len(records), desc="predict", unit="rec", file=sys.stderr, dynamic_ncols=True) as bar:
-        for start in range(0, len(order), args.batch_size):
-            chunk = order[start:start + args.batch_size]
-            replies = generation.generate_batch(model, tokenizer, [messages[i] for i in chunk], config,
-                                                batch_size=args.batch_size, stats=stats)
+        for name, chunk in batch_plan(lengths, adapter_of, args.batch_size):
+            with role_adapters.using(name):
+                replies = generation.generate_batch(model, tokenizer, [messages[i] for i in chunk], config,
+                                                    batch_size=args.batch_size, stats=stats)
             for i, reply in zip(chunk, replies, strict=True):
                 predictions[i] = reply
             bar.update(len(chunk))
-    utils.write_jsonl(args.output_path, ({**r, "prediction": p} for r, p in zip(records, predictions, strict=True)))
+    said = role_adapters.per_adapter(
+        conversations, lambda group: run_dialogues(args, model, tokenizer, group, config, stats))
+    scored = [{**r, "prediction": p} for r, p in zip(records, predictions, strict=True)]
+    scored += [{**c, "predictions": replies} for c, replies in zip(conversations, said, strict=True)]
+    utils.write_jsonl(args.output_path, scored)
     metrics = compute_metrics(records, predictions, extra_roles, stats)
+    if conversations:
+        roles = sorted(set(extra_roles) | {r["role"] for r in records if isinstance(r.get("role"), str)})
+        metrics["multi_turn"] = dialogue.dialogue_metrics(
+            conversations, said, fact_matches, lambda reply, role: out_of_character(reply, role, roles))
     metrics["generation"].update(batch_size=args.batch_size, do_sample=bool(config.do_sample),
                                  max_new_tokens=config.max_new_tokens)
     metrics["model"] = {"model_path": args.model_path, "adapter_dir": args.adapter_dir, "test_path": args.test_path}
+    if role_adapters.specs:
+        metrics["model"]["adapters"] = dict(role_adapters.specs)
     utils.write_json(metrics_path_for(args.output_path), metrics)
     print(format_metrics(metrics))
     print(f"predictions: {args.output_path}\nmetrics: {metrics_path_for(args.output_path)}")
     if baseline is not None:
         print(f"\nbaseline: {baseline.get('model', {}).get('model_path', args.baseline_metrics)}  "
-              f"vs  this model: {args.model_path}")
+              f"vs  this model: {args.model_path}{' + role adapters' if role_adapters.specs else ''}")
         print(format_comparison(baseline, metrics))
     return metrics
+
+
+def run_dialogues(args: argparse.Namespace, model: Any, tokenizer: Any, conversations: list[dict], config: Any,
+                  stats: dict[str, Any]) -> list[list[str]]:
+    """Every test conversation generated round by round (one batch call per round)."""
+    if not conversations:
+        return []
+
+    def generate(histories: list[list[dict[str, str]]]) -> list[str]:
+        return generation.generate_batch(model, tokenizer, histories, config, batch_size=args.batch_size,
+                                         stats=stats)
+
+    print(f"multi-turn: {len(conversations)} conversations, round by round", file=sys.stderr)
+    return dialogue.run_conversations(generate, conversations)
 
 
 def choose_role(profiles: dict[str, str], stdin: TextIO, stdout: TextIO) -> str | None:
@@ -442,9 +592,12 @@ def choose_role(profiles: dict[str, str], stdin: TextIO, stdout: TextIO) -> str 
 
 
 def run_interactive(args: argparse.Namespace, model: Any, tokenizer: Any, profiles: dict[str, str],
-                    stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
-    """Chat with history in the chosen role; /reset, /role NAME, /roles, /quit, EOF quits."""
+                    stdin: TextIO | None = None, stdout: TextIO | None = None,
+                    role_adapters: RoleAdapters | None = None) -> int:
+    """Chat with history in the chosen role (with its own adapter when it has one); /reset, /role NAME,
+    /roles, /quit, EOF quits."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    role_adapters = role_adapters or RoleAdapters(model)
     config = generation.generation_config_for(model, **generation_overrides(args, batch=False))
     role = args.role or choose_role(profiles, stdin, stdout)
     if role is None:
@@ -453,6 +606,8 @@ def run_interactive(args: argparse.Namespace, model: Any, tokenizer: Any, profil
     history: list[dict[str, str]] = []
     print(f"[{role}] commands: /reset clears the history, /role NAME switches role, /roles lists roles, "
           "/quit or Ctrl-D quits", file=stdout)
+    if role_adapters.names:
+        print(f"[{role}] talks with {role_adapters.describe(role)}", file=stdout)
     while True:
         print("user: ", end="", file=stdout, flush=True)
         line = stdin.readline()
@@ -479,17 +634,26 @@ def run_interactive(args: argparse.Namespace, model: Any, tokenizer: Any, profil
                 continue
             role, history = name, []
             print(f"[{role}] role switched, history cleared", file=stdout)
+            if role_adapters.names:
+                print(f"[{role}] talks with {role_adapters.describe(role)}", file=stdout)
             continue
-        history.append({"role": "user", "content": text})
-        messages = [{"role": "system", "content": utils.role_system_prompt(role, profiles)}] + history
+        messages = [{"role": "system", "content": utils.role_system_prompt(role, profiles)}, *history,
+                    {"role": "user", "content": text}]
+        try:
+            generation.chat_prompt_ids(model, tokenizer, messages, config)  # refused before anything is shown
+        except utils.PromptTooLong as e:
+            print(f"[{role}] {e}", file=stdout, flush=True)
+            continue
+        history.append(messages[-1])
         print(f"{role}: ", end="", file=stdout, flush=True)
         shown = reply = ""
-        for reply in generation.chat_stream(model, tokenizer, messages, config):
-            if reply.startswith(shown):
-                print(reply[len(shown):], end="", file=stdout, flush=True)
-            else:  # the final exact text differs from what was streamed: show it whole
-                print(f"\n{role}: {reply}", end="", file=stdout, flush=True)
-            shown = reply
+        with role_adapters.using(role_adapters.adapter_for(role)):
+            for reply in generation.chat_stream(model, tokenizer, messages, config):
+                if reply.startswith(shown):
+                    print(reply[len(shown):], end="", file=stdout, flush=True)
+                else:  # the final exact text differs from what was streamed: show it whole
+                    print(f"\n{role}: {reply}", end="", file=stdout, flush=True)
+                shown = reply
         print(file=stdout, flush=True)
         history.append({"role": "assistant", "content": reply})
 
@@ -514,15 +678,29 @@ def main(argv: list[str] | None = None) -> int:
         profiles = utils.load_profiles(args.desc_path or utils.PROFILES_PATH)
         if args.role is not None:
             utils.role_system_prompt(args.role, profiles)  # unknown role -> DataError
-    model, tokenizer = loading.load_model_for_inference(args.model_path, args.adapter_dir, args.device, args.dtype,
-                                                        args.load_in_4bit)
+        adapters.check_roles(adapters.parse_adapter_specs(args.adapter), profiles)
+    model, tokenizer, role_adapters = load_models(args)
     import torch
 
     torch.manual_seed(args.seed)
     if batch:
-        run_batch(args, model, tokenizer, items, extra_roles, baseline)
+        run_batch(args, model, tokenizer, items, extra_roles, baseline, role_adapters)
         return 0
-    return run_interactive(args, model, tokenizer, profiles)
+    return run_interactive(args, model, tokenizer, profiles, role_adapters=role_adapters)
+
+
+def load_models(args: argparse.Namespace) -> tuple[Any, Any, RoleAdapters]:
+    """(model, tokenizer, role adapters): the model as --model_path/--adapter_dir name it, plus one
+    adapter per --adapter role on the same base."""
+    specs = adapters.parse_adapter_specs(args.adapter)
+    if not specs:
+        model, tokenizer = loading.load_model_for_inference(args.model_path, args.adapter_dir, args.device,
+                                                            args.dtype, args.load_in_4bit)
+        return model, tokenizer, RoleAdapters(model)
+    model, tokenizer, names, shared = adapters.load_base_with_adapters(
+        args.model_path, specs, args.adapter_dir, args.device, args.dtype, args.load_in_4bit)
+    _, shared_dir = loading.resolve_model_paths(args.model_path, args.adapter_dir)
+    return model, tokenizer, RoleAdapters(model, specs, names, shared, shared_dir)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,11 @@ Launch it through `train.sh` (which holds the recipe's hyperparameters), or dire
     deepspeed --num_gpus 1 train.py --model_name_or_path output/tiny-baichuan2-chat \
         --train_path data/train.json --test_path data/test.json --output_dir output/qlora
 
+By default (`--packing`, train.sh's PACKING=1) each micro-batch's samples are laid end to end in one
+row (roleplay/packing.py): no padding, attention confined to each sample, the same samples per step and
+the same loss; the output head runs only where a label is. The loss is logged per record kind
+(utils.LOSS_GROUPS: attribute facts, role replies) to TensorBoard and the loss plot, train and eval.
+
 Each checkpoint `output_dir/epoch-{e}-step-{s}/` holds the adapter (or the full model), the
 tokenizer, the resolved run config (`run_config.json`, read by merge_params.py and predict.py)
 and the DeepSpeed training state that `--resume` continues from. Checkpoint folders appear
@@ -29,6 +34,7 @@ from typing import Any
 import utils
 from roleplay import loading
 from roleplay.devices import bf16_supported, resolve_device
+from roleplay.packing import PackingCollator, batch_loss
 from roleplay.plotting import plot_loss
 from roleplay.profiling import StepProfiler
 from roleplay.sampler import LengthGroupedBatchSampler
@@ -45,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="base model folder (Baichuan2 or a transformers causal LM such as Qwen2)")
     p.add_argument("--train_path", default=utils.TRAIN_PATH, help="training records (JSON lines)")
     p.add_argument("--test_path", default=utils.TEST_PATH, help="eval records, scored each epoch ('' to skip)")
+    p.add_argument("--roles", default="",
+                   help="comma-separated roles: train and eval only on records whose `role` is one of them (one "
+                        "adapter per role: ROLES=... bash train.sh); that share is saved in output_dir/role_data/")
     p.add_argument("--output_dir", default="output/qlora", help="where checkpoints go")
     p.add_argument("--train_mode", choices=["qlora", "lora", "full"], default="qlora",
                    help="qlora: 4-bit NF4 base + LoRA; lora: bf16/fp32 base + LoRA; full: all weights")
@@ -54,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_len", type=int, default=512, help="max tokens of prompt + answer")
     p.add_argument("--max_src_len", type=int, default=256, help="max tokens of the prompt")
     p.add_argument("--is_skip", action="store_true", help="drop samples that would be truncated (and count them)")
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
+                   help="lay each micro-batch's samples end to end in one row (no padding; attention stays inside "
+                        "each sample, positions restart): the same samples, steps and losses, less compute "
+                        "(--no-packing: pad each micro-batch to its longest sample)")
     p.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate")
     p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay")
     p.add_argument("--num_train_epochs", type=int, default=1, help="passes over the training data")
@@ -174,6 +187,28 @@ def count_params(model: Any, trainable: bool) -> int:
         # bitsandbytes packs two 4-bit weights per uint8 element
         total += p.numel() * (2 if p.dtype.is_floating_point is False and p.element_size() == 1 else 1)
     return total
+
+
+def role_data_files(args: argparse.Namespace) -> tuple[str, str]:
+    """(train, eval) files holding only the records of `--roles`, written to output_dir/role_data/ (the
+    run config then names them). A role without training records is an error naming the roles there."""
+    roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+    folder = Path(args.output_dir) / "role_data"
+    records = [r for _, r in utils.read_jsonl(args.train_path)]
+    present = sorted({str(r.get("role")) for r in records if r.get("role") is not None})
+    missing = [role for role in roles if not any(r.get("role") == role for r in records)]
+    if missing:
+        raise UserError(f"--roles: no records of {', '.join(missing)} in {args.train_path}; roles there: "
+                        f"{', '.join(present) or 'none (records without a role field)'}")
+    utils.write_jsonl(folder / "train.json", (r for r in records if r.get("role") in roles))
+    if not args.test_path:
+        return str(folder / "train.json"), ""
+    tests = [r for _, r in utils.read_jsonl(args.test_path) if r.get("role") in roles]
+    if not tests:
+        print_rank0(f"--roles: {args.test_path} has no records of {', '.join(roles)}; no eval loss")
+        return str(folder / "train.json"), ""
+    utils.write_jsonl(folder / "test.json", tests)
+    return str(folder / "train.json"), str(folder / "test.json")
 
 
 def load_ds_config(path: str) -> dict:
@@ -312,6 +347,50 @@ def prune_checkpoints(args: argparse.Namespace) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def deepspeed_state_types() -> list[type]:
+    """The only non-tensor classes DeepSpeed 0.19's ZeRO-2 state files hold (what
+    `torch.serialization.get_unsafe_globals_in_checkpoint` lists for train.py's checkpoints: the
+    optimizer's loss scaler, ZeRO stage enum and parameter-slice mapping; the dynamic scaler of fp16)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_state_file(path: str | os.PathLike, map_location: Any = None) -> Any:
+    """torch.load of one DeepSpeed state file with weights_only=True: tensors, containers, numbers and
+    the `deepspeed_state_types` allowlisted for this call only (`torch.serialization.safe_globals`), so
+    no file can make the load call anything (a pickle's `__reduce__` is refused, not run). A refused or
+    unreadable file is a UserError naming it."""
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(deepspeed_state_types()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+", str(e))
+        detail = found.group(0) if found else str(e).splitlines()[0]
+        raise UserError(f"{path}: refused to load: it holds more than tensors and DeepSpeed's own state types "
+                        f"({detail[:200]}); train.py never writes such a file, so it was altered or comes from "
+                        "elsewhere: delete that checkpoint folder to resume from an older one") from e
+    except (RuntimeError, EOFError, OSError) as e:  # truncated or not a torch file
+        raise UserError(f"{path}: unreadable training state ({str(e).splitlines()[0][:200]}); delete that "
+                        "checkpoint folder to resume from an older one") from e
+
+
+def use_weights_only_loads(engine: Any) -> None:
+    """Make the engine read its checkpoints through `load_state_file`. DeepSpeed 0.19.8's default
+    TorchCheckpointEngine.load calls torch.load(weights_only=False), which unpickles anything; the
+    engine's `checkpoint_engine` is the pluggable reader every load path (model states, ZeRO
+    optimizer shards) goes through, so replacing its `load` covers them all. Saving is unchanged."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    current = engine.checkpoint_engine
+    if type(current) is TorchCheckpointEngine:  # the others (fast/decoupled writers) call torch.load's default,
+        current.load = load_state_file  # weights_only=True since torch 2.6; those need no change
+
+
 def load_resume_state(engine: Any, args: argparse.Namespace) -> dict | None:
     import torch
     import torch.distributed as dist
@@ -321,6 +400,7 @@ def load_resume_state(engine: Any, args: argparse.Namespace) -> dict | None:
         print_rank0(f"--resume: no complete checkpoint in {args.output_dir}; starting fresh")
         return None
     _, ckpt = ckpts[-1]
+    use_weights_only_loads(engine)  # before the first state file is read
     _, state = engine.load_checkpoint(str(ckpt / "ds_state"), tag="state", load_module_strict=False)
     if state is None:
         raise UserError(f"{ckpt}: DeepSpeed state could not be loaded; delete the folder to resume from an older one")
@@ -344,25 +424,34 @@ def load_resume_state(engine: Any, args: argparse.Namespace) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 # Eval
 # ---------------------------------------------------------------------------------------------
-def evaluate(engine: Any, dataset: Any, collator: Any, batch_size: int, device: Any) -> float:
-    """Token-level mean loss over this rank's share of the eval set, averaged over all ranks."""
+def evaluate(engine: Any, dataset: Any, collator: Any, batch_size: int, device: Any) -> tuple[float, list]:
+    """Token-level mean loss over the eval set (each rank scores its share; summed over ranks), and
+    the same per LOSS_GROUPS entry (None for a group with no eval tokens)."""
     import torch
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
     engine.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    total = torch.zeros(len(utils.LOSS_GROUPS), 2, dtype=torch.float64, device=device)
     indices = list(range(rank, len(dataset), world))
     with torch.no_grad():
         for i in range(0, len(indices), batch_size):
-            batch = collator([dataset[j] for j in indices[i:i + batch_size]])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            n = (batch["labels"][:, 1:] != -100).sum()
-            loss = engine(**batch).loss.float()
-            total += torch.stack([loss.double() * n, n.double()])
+            batch = to_device(collator([dataset[j] for j in indices[i:i + batch_size]]), device)
+            total += batch_loss(engine, batch, len(utils.LOSS_GROUPS))[1]
     dist.all_reduce(total)
     engine.train()
-    return (total[0] / total[1].clamp(min=1)).item()
+    total = total.tolist()
+    return sum(t[0] for t in total) / max(sum(t[1] for t in total), 1), group_means(total)
+
+
+def group_means(sums: list[list[float]]) -> list[float | None]:
+    """Mean loss per group from [sum, count] pairs (None where a group had no tokens)."""
+    return [s / n if n else None for s, n in sums]
+
+
+def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """The batch's tensors on `device`; other values (host-side counts) as they are."""
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{args.output_dir} already holds checkpoints of an earlier run (newest: "
                         f"{old_checkpoints[-1][1].name}); pass --resume to continue it, --overwrite_output_dir "
                         "to replace it, or choose another --output_dir")
+    if args.roles:
+        args.train_path, args.test_path = role_data_files(args)  # from here on the run sees only these roles
 
     import deepspeed
     import torch
@@ -423,7 +514,9 @@ def main(argv: list[str] | None = None) -> int:
                 + (f"; LoRA targets {report['targets']}" if "targets" in report else ""))
     # After load_model: it may add the pad token. Multiples of 8 suit GPU tensor cores; on CPUs
     # they would only add padding.
-    collator = utils.DataCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if device.type == "cuda" else 1)
+    collator = utils.DataCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if device.type == "cuda" else 1,
+                                  meta=True)
+    train_collator = PackingCollator() if args.packing else collator  # eval stays padded: its batches are fixed
 
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
@@ -431,12 +524,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- state (fresh or resumed)
     state = {"global_step": 0, "epoch": 0, "micro_in_epoch": 0, "epoch_display": 1,
-             "history": {"train": [], "eval": []}}
+             "history": {"train": [], "eval": [], "train_groups": [], "eval_groups": []}}
     if args.resume:
         state = load_resume_state(engine, args) or state
     writer = make_writer(args.output_dir)
     progress = make_progress(total_steps, state["global_step"])
-    window = {"loss": 0.0, "micro": 0, "tokens": 0, "padded": 0, "t0": time.perf_counter()}
+    window = new_window(device)
     profiler = StepProfiler(device, args.profile)
 
     engine.train()
@@ -445,13 +538,13 @@ def main(argv: list[str] | None = None) -> int:
         state["epoch"], state["epoch_display"] = epoch, epoch + 1
         # own generator: starting a DataLoader iterator otherwise draws from the global torch RNG,
         # which would shift dropout after --resume (the RNG state is restored before this point)
-        loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collator,
+        loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=train_collator,
                             generator=torch.Generator().manual_seed(args.seed + epoch))
         profiler.lap(None)  # the time since the last step (eval, checkpoint, plots) belongs to no step
         for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = to_device(batch, device)
             profiler.lap("data")
-            loss = engine(**batch).loss
+            loss, group_sums = batch_loss(engine, batch, len(utils.LOSS_GROUPS))
             profiler.lap("forward")
             engine.backward(loss)
             profiler.lap("backward")
@@ -459,10 +552,12 @@ def main(argv: list[str] | None = None) -> int:
             engine.step()
             profiler.lap("optimizer")
             state["micro_in_epoch"] += 1
-            window["loss"] += loss.item()
+            # device-side sums and host-side counts: no read-back from the device until the step's log
+            window["loss"] += loss.detach().double()
+            window["groups"] += group_sums
             window["micro"] += 1
-            window["tokens"] += int(batch["attention_mask"].sum())
-            window["padded"] += batch["attention_mask"].numel()
+            window["tokens"] += batch["num_tokens"]
+            window["padded"] += batch["input_ids"].numel()
             profiler.lap("other")
             if not boundary:
                 continue
@@ -477,12 +572,17 @@ def main(argv: list[str] | None = None) -> int:
         finished_epoch = state["micro_in_epoch"] >= micro_per_epoch
         state["epoch"], state["micro_in_epoch"] = (epoch + 1, 0) if finished_epoch else (epoch, state["micro_in_epoch"])
         if eval_ds is not None:
-            eval_loss = evaluate(engine, eval_ds, collator, args.per_device_eval_batch_size, device)
+            eval_loss, eval_groups = evaluate(engine, eval_ds, collator, args.per_device_eval_batch_size, device)
             state["history"]["eval"].append((state["global_step"], eval_loss))
-            print_rank0(f"epoch {epoch + 1}: eval loss {eval_loss:.4f}  perplexity {math.exp(min(eval_loss, 50)):.2f}")
+            state["history"].setdefault("eval_groups", []).append((state["global_step"], eval_groups))
+            by_group = ", ".join(f"{g} {v:.4f}" for g, v in zip(utils.LOSS_GROUPS, eval_groups, strict=True)
+                                 if v is not None)
+            print_rank0(f"epoch {epoch + 1}: eval loss {eval_loss:.4f}  perplexity {math.exp(min(eval_loss, 50)):.2f}"
+                        f"  ({by_group})")
             if writer:
                 writer.add_scalar("eval/loss", eval_loss, state["global_step"])
                 writer.add_scalar("eval/perplexity", math.exp(min(eval_loss, 50)), state["global_step"])
+                add_group_scalars(writer, "eval", eval_groups, state["global_step"])
         ckpt = save_checkpoint(engine, tokenizer, run_config, state, args)
         write_plots(state, args, ckpt)
         if args.max_steps and state["global_step"] >= args.max_steps:
@@ -554,27 +654,49 @@ def log_step(state: dict, window: dict, scheduler: Any, writer: Any, progress: A
     import torch
     import torch.distributed as dist
 
-    stats = torch.tensor([window["loss"], window["micro"], window["tokens"], window["padded"]], dtype=torch.float64)
+    # one tensor, one all-reduce, one read-back per optimizer step (on the loss's device: NCCL needs CUDA tensors)
+    counts = torch.tensor([window["micro"], window["tokens"], window["padded"]], dtype=torch.float64)
+    stats = torch.cat([window["loss"].reshape(1), counts.to(window["loss"].device), window["groups"].reshape(-1)])
     dist.all_reduce(stats)
-    loss = (stats[0] / stats[1]).item()
+    stats = stats.tolist()
+    loss = stats[0] / stats[1]
     elapsed = time.perf_counter() - window["t0"]
-    tok_s = stats[2].item() / max(elapsed, 1e-9)
-    pad_share = 1 - stats[2].item() / max(stats[3].item(), 1)
+    tok_s = stats[2] / max(elapsed, 1e-9)
+    pad_share = 1 - stats[2] / max(stats[3], 1)
     lr = scheduler.get_last_lr()[0] if scheduler is not None else float("nan")
+    groups = group_means([stats[4 + 2 * g:6 + 2 * g] for g in range(len(utils.LOSS_GROUPS))])
     state["history"]["train"].append((state["global_step"], loss))
+    state["history"].setdefault("train_groups", []).append((state["global_step"], groups))
     # [step, tokens/s, padding share, non-pad tokens, padded positions, seconds]: enough to re-derive
     # any aggregate (--profile's per-step records reuse the counts)
     state.setdefault("throughput", []).append(
-        (state["global_step"], tok_s, pad_share, int(stats[2].item()), int(stats[3].item()), elapsed))
+        (state["global_step"], tok_s, pad_share, int(stats[2]), int(stats[3]), elapsed))
     if writer and state["global_step"] % args.log_steps == 0:
         writer.add_scalar("train/loss", loss, state["global_step"])
+        add_group_scalars(writer, "train", groups, state["global_step"])
         writer.add_scalar("train/lr", lr, state["global_step"])
         writer.add_scalar("train/tokens_per_s", tok_s, state["global_step"])
         writer.add_scalar("train/padding_share", pad_share, state["global_step"])
     if progress:
         progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", pad=f"{pad_share:.1%}")
         progress.update(1)
-    window.update(loss=0.0, micro=0, tokens=0, padded=0, t0=time.perf_counter())
+    window.update(new_window(window["loss"].device))
+
+
+def new_window(device: Any) -> dict:
+    """The statistics of the micro-batches since the last optimizer step (losses kept on the device)."""
+    import torch
+
+    return {"loss": torch.zeros((), dtype=torch.float64, device=device), "micro": 0, "tokens": 0, "padded": 0,
+            "groups": torch.zeros(len(utils.LOSS_GROUPS), 2, dtype=torch.float64, device=device),
+            "t0": time.perf_counter()}
+
+
+def add_group_scalars(writer: Any, split: str, losses: list[float | None], step: int) -> None:
+    """TensorBoard `train/loss_attribute_facts`, `eval/loss_role_replies`, ...: one curve per record kind."""
+    for name, value in zip(utils.LOSS_GROUPS, losses, strict=True):
+        if value is not None:
+            writer.add_scalar(f"{split}/loss_{name.replace(' ', '_')}", value, step)
 
 
 def write_plots(state: dict, args: argparse.Namespace, ckpt: Path) -> None:
@@ -583,7 +705,7 @@ def write_plots(state: dict, args: argparse.Namespace, ckpt: Path) -> None:
         paths = [Path(args.output_dir) / "loss.png", ckpt / "loss.png"]
         if args.plot_to_images:
             paths.append(Path(utils.IMAGES_DIR) / "loss.png")
-        plot_loss(state["history"], paths, title)
+        plot_loss(state["history"], paths, title, groups=utils.LOSS_GROUPS)
 
 
 if __name__ == "__main__":

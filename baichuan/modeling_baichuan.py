@@ -7,6 +7,9 @@ published checkpoints. The parts that decide numerical parity with the reference
   registered buffers, so v5's meta-device construction cannot leave them unmaterialised);
 - the 13B layout (`position_embedding="alibi"`) adds ALiBi biases (slopes from the ALiBi paper) instead;
 - causal and padding masks are additive `finfo.min` masks, added together, fed to SDPA;
+- packed rows (no `attention_mask`, `position_ids` restarting at 0 where a sample starts, as
+  transformers 5 and TRL's padding-free collators make them) attend only within each sample: per
+  sample SDPA calls on CPU (`PackedRows`), flash-attention's varlen kernel on CUDA where installed;
 - `NormHead` normalises the output rows: on the fly in train mode, once and in place in eval mode;
 - the loss is the shifted mean cross-entropy (ignore_index -100) plus `z_loss_weight * mean(max_logit**2)`.
 
@@ -18,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from threading import Thread
@@ -215,6 +219,108 @@ def build_attention_bias(
     return bias
 
 
+class PackedRows:
+    """Where the samples of packed rows start and end, read from `position_ids` [b, t]: a new sample
+    begins wherever a position is not its predecessor + 1 (the rule of transformers 5's
+    `find_packed_sequence_indices`). Attention then runs per sample, so no token sees another sample
+    and the work is that of the unpacked samples (a dense block-diagonal mask over a packed row would
+    cost t**2 per row instead of the sum of the samples' squares). `cu_seqlens` are the flat
+    cumulative boundaries flash-attention's varlen kernel takes."""
+
+    def __init__(self, position_ids: torch.Tensor) -> None:
+        b, t = position_ids.shape
+        starts = torch.ones_like(position_ids, dtype=torch.bool)
+        starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+        flat = starts.reshape(-1).nonzero().squeeze(1)
+        bounds = torch.cat([flat, flat.new_tensor([b * t])]).tolist()  # one host read per forward, not per layer
+        # (row, start, length) of every sample
+        self.segments = [(s // t, s % t, e - s) for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
+        self.cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=position_ids.device)
+        self.max_len = max(n for _, _, n in self.segments)
+        self.batch_size, self.length = b, t
+
+    @staticmethod
+    def detect(
+        position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, past_len: int
+    ) -> PackedRows | None:
+        """PackedRows for packed input (positions restart inside a row, no mask, no cache), else None."""
+        if position_ids is None or attention_mask is not None or past_len or position_ids.shape[-1] < 2:
+            return None
+        if bool((position_ids[:, 1:] == position_ids[:, :-1] + 1).all()):
+            return None  # one sample per row: the ordinary causal path
+        return PackedRows(position_ids)
+
+
+@functools.cache
+def flash_varlen() -> Any:
+    """flash-attention's `flash_attn_varlen_func` (through transformers' loader) where flash-attn 2 is installed
+    and a CUDA device is present, else None. Looked up once."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        return None
+    from transformers.modeling_flash_attention_utils import lazy_import_flash_attention
+
+    return lazy_import_flash_attention("flash_attention_2")[0][1]
+
+
+def packed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedRows, slopes: torch.Tensor | None
+) -> torch.Tensor:
+    """Causal attention confined to each packed sample ([b, nh, t, hd] in, same out).
+
+    CUDA with flash-attention installed (fp16/bf16): one varlen kernel call (ALiBi slopes passed to it).
+    One row (what train.py --packing and TRL's padding-free collator make): one SDPA call per sample,
+    each exactly the unpacked sample's attention (`is_causal` for RoPE; for ALiBi the causal + ALiBi
+    bias of that sample's length, i.e. distances between its own restarted positions). The row is cut
+    with `split` (its backward is one concatenation; slicing would add a full-size zero tensor per
+    sample). Several packed rows: one SDPA call with the block-diagonal causal mask.
+    """
+    varlen = flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    b, nh, t, hd = q.shape
+    if varlen is not None:
+        def flat(x: torch.Tensor) -> torch.Tensor:
+            return x.transpose(1, 2).reshape(b * t, nh, hd)
+
+        out = varlen(flat(q), flat(k), flat(v), packed.cu_seqlens, packed.cu_seqlens, packed.max_len,
+                     packed.max_len, causal=True,
+                     alibi_slopes=None if slopes is None else slopes.to(q.device, torch.float32))
+        return out.reshape(b, t, nh, hd).transpose(1, 2)
+    if b > 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=block_diagonal_bias(packed, q.dtype, q.device, slopes))
+    lengths = [n for _, _, n in packed.segments]
+    parts = []
+    for qs, ks, vs in zip(q.split(lengths, dim=2), k.split(lengths, dim=2), v.split(lengths, dim=2), strict=True):
+        n = qs.shape[2]
+        if slopes is None:
+            parts.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=n > 1))
+        else:
+            bias = build_attention_bias(None, 1, n, 0, q.dtype, q.device, slopes)
+            parts.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=bias))
+    return torch.cat(parts, dim=2)
+
+
+def block_diagonal_bias(
+    packed: PackedRows, dtype: torch.dtype, device: torch.device, slopes: torch.Tensor | None
+) -> torch.Tensor:
+    """Additive [b, 1 or nh, t, t] mask of packed rows: key j is visible to query i only in i's own sample
+    and not after i; ALiBi (with `slopes`) from the distance inside the sample."""
+    b, t = packed.batch_size, packed.length
+    seg = torch.empty(b, t, dtype=torch.long, device=device)
+    offset = torch.zeros(b, t, dtype=torch.long, device=device)
+    for i, (row, start, n) in enumerate(packed.segments):
+        seg[row, start:start + n] = i
+        offset[row, start:start + n] = start
+    pos = torch.arange(t, device=device)
+    allowed = (seg[:, :, None] == seg[:, None, :]) & (pos[None, None, :] <= pos[None, :, None])
+    bias = torch.zeros(b, 1, t, t, dtype=dtype, device=device).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+    if slopes is not None:
+        local = (pos[None] - offset).float()  # each token's position inside its sample
+        distance = (local[:, None, :] - local[:, :, None]).clamp(max=0)  # [b, t(query), t(key)]
+        bias = bias + (slopes.to(device)[None, :, None, None] * distance[:, None]).to(dtype)
+    return bias
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(act(gate(x)) * up(x))."""
 
@@ -249,8 +355,11 @@ class Attention(nn.Module):
         attention_bias: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
+        packed: PackedRows | None = None,
+        slopes: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attention output [b, t, H]; appends this layer's (rotated) keys and values to the cache."""
+        """Attention output [b, t, H]; appends this layer's (rotated) keys and values to the cache.
+        With `packed` (and ALiBi `slopes`), attention stays inside each packed sample."""
         bsz, q_len, _ = hidden_states.shape
         proj = self.W_pack(hidden_states)
         # Three contiguous H-sized blocks: rows 0..H-1 are q, H..2H-1 are k, 2H..3H-1 are v.
@@ -268,7 +377,9 @@ class Attention(nn.Module):
             # Mixed precision (e.g. fp32 norms feeding bf16 projections): re-express the mask in q's
             # dtype without overflowing finite "min" entries to -inf.
             attention_bias = attention_bias.float().clamp(min=torch.finfo(q.dtype).min).to(q.dtype)
-        if self.config._attn_implementation == "eager":
+        if packed is not None:
+            out = packed_attention(q, k, v, packed, slopes)
+        elif self.config._attn_implementation == "eager":
             scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(self.head_dim)
             if attention_bias is not None:
                 scores = scores + attention_bias
@@ -302,6 +413,8 @@ class DecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
         use_cache: bool = False,
+        packed: PackedRows | None = None,
+        slopes: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """The layer output, same shape as `hidden_states`."""
@@ -311,6 +424,8 @@ class DecoderLayer(GradientCheckpointingLayer):
             attention_bias=attention_bias,
             position_embeddings=position_embeddings,
             cache=cache,
+            packed=packed,
+            slopes=slopes,
         )
         hidden_states = residual + hidden_states
         residual = hidden_states
@@ -466,7 +581,8 @@ class BaichuanModel(BaichuanPreTrainedModel):
         `Cache` or legacy per-layer (k, v) tuples; legacy in gives legacy out. Without `position_ids`,
         positions are `arange(past, past + t)` (as in the reference, even with left padding; `generate`
         derives them from the mask instead). A `position_ids` longer than the fed tokens is sliced to
-        its last t entries.
+        its last t entries. Without `attention_mask` and cache, `position_ids` that restart inside a row
+        mark packed samples (`PackedRows`): each attends only to itself, at its own positions.
         `output_attentions` is accepted but attentions are never returned (SDPA does not expose them).
         """
         if (input_ids is None) == (inputs_embeds is None):
@@ -511,9 +627,15 @@ class BaichuanModel(BaichuanPreTrainedModel):
 
         if attention_mask is not None:
             attention_mask = attention_mask.to(device)
-        attention_bias = build_attention_bias(
-            attention_mask, batch_size, seq_len, past_len, inputs_embeds.dtype, device, slopes
-        )
+        packed = None
+        if position_ids is not None:
+            position_ids = position_ids.to(device).reshape(-1, position_ids.shape[-1])[:, -seq_len:]
+            packed = PackedRows.detect(position_ids.expand(batch_size, seq_len), attention_mask, past_len)
+        attention_bias = None
+        if packed is None:
+            attention_bias = build_attention_bias(
+                attention_mask, batch_size, seq_len, past_len, inputs_embeds.dtype, device, slopes
+            )
 
         hidden_states = inputs_embeds
         all_hidden_states: tuple[torch.Tensor, ...] | None = () if output_hidden_states else None
@@ -526,6 +648,8 @@ class BaichuanModel(BaichuanPreTrainedModel):
                 position_embeddings=position_embeddings,
                 cache=cache,
                 use_cache=use_cache,
+                packed=packed,
+                slopes=slopes if packed is not None else None,
             )
         hidden_states = self.norm(hidden_states)
         if all_hidden_states is not None:
@@ -736,6 +860,7 @@ __all__ = [
     "BaichuanModel",
     "BaichuanPreTrainedModel",
     "NormHead",
+    "PackedRows",
     "RMSNorm",
     "RotaryEmbedding",
     "alibi_slopes",

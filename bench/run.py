@@ -2,16 +2,22 @@
 prints a table and writes bench/results.md (machine, versions, date and the exact commands included).
 
 Sections (--skip any of them):
-- train: non-padding tokens/s of train.py, launched as train.sh launches it, against Hugging Face
-  Trainer + PEFT QLoRA with the default collation (DataCollatorForSeq2Seq, random batches padded to
-  their longest) on the same samples and recipe arguments; padding shares; where each step's time goes
-  (train.py --profile's profile.json: data, forward, backward, optimizer/engine step).
+- train: non-padding tokens/s and computed positions/s of train.py, launched as train.sh launches it
+  (packed: train.sh's PACKING=1), against its peers configured as their users would, on the same model,
+  samples, batch, limits and LoRA settings (bench/workers.py): HF Trainer + PEFT with
+  train_sampling_strategy="group_by_length", TRL SFTTrainer with padding_free=True (or why it does not
+  run), and the default random-batch Trainer kept as a labelled reference; in both shapes of the job:
+  the recipe (tiny: LoRA + embeddings/head in full) and LoRA only (the 7B recipe's shape). Padding
+  shares; where each step's time goes (train.py --profile's profile.json: data, forward, backward,
+  optimizer/engine step); this CPU's measured dense matmul peak at the training dtype and train.py's
+  model-FLOP utilisation against it (6·N·tokens/s, and the ~4·N of LoRA/QLoRA beside it).
 - memory: resident weight bytes NF4 (double quant) vs bf16 vs fp32; peak RSS and tokens/s of a short
   train.py run per recipe variant (qlora, lora, full, QLoRA without the modules trained in full).
 - generation: model.chat (KV cache) vs generate(use_cache=False) tokens/s, time to the first streamed
   token, generation.generate_batch tokens/s at batch 1 vs 8.
 - data: data_helper.py wall time on a synthetic RoleBench-zh folder of the published size (bench/synth.py).
-- gpu: with CUDA, QLoRA MFU from the train section's tokens/s; otherwise "not measured on GPU yet".
+- gpu: with CUDA, QLoRA MFU from the train section's tokens/s; otherwise "not measured on GPU yet". The
+  Baichuan2-7B shape on one GPU is bench/gpu.py's (`--dry_run` prints its plan anywhere).
 
 Every training command is `bash train.sh --print`'s for an environment that picks the recipe (tiny:
 MODEL without config.json and TINY_MODEL=<model>; real: MODEL=<model>; variants: train.sh variables
@@ -19,9 +25,9 @@ such as TRAIN_MODE=lora), with only `bench_flags` on top. Each measurement runs 
 warm-up steps are excluded; generation and data_helper figures are medians after a warm-up call. Run it
 on an idle machine: a second CPU-heavy process cuts CPU figures 10x (the report says how busy it was).
 
-How long: the embedded default on 2 idle CPU cores about 3 minutes (4 train.py runs and one Trainer run
-of 23 steps each, generation, data; the very first DeepSpeed run on a machine also builds its CPU ops,
-about 2 minutes more); --quick 1-2 minutes; a 7B model on one GPU 15-30 minutes.
+How long: the embedded default on 2 idle CPU cores about 7 minutes (4 train.py runs and 5 peer runs of
+23 steps each, generation, data; the very first DeepSpeed run on a machine also builds its CPU ops,
+about 2 minutes more); --quick 2-3 minutes; a 7B model on one GPU 15-30 minutes.
 
 Examples:
     python bench/run.py                                       # full run on output/tiny-baichuan2-chat
@@ -76,6 +82,14 @@ GPU_PEAK_TFLOPS = {"H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H200": 989.0, "H
                    "H100 PCIe": 756.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
 BUSY_SHARE_WARN = 0.10  # other processes using more than this share of the CPU make figures unreliable
 PHASES = ("data", "forward", "backward", "optimizer", "other")
+# the peers, as their users configure them (bench/workers.py tasks); the random-batch Trainer is the reference
+PEERS: dict[str, list[str]] = {"trainer-random": ["trainer", "--sampling", "random"],
+                               "trainer-grouped": ["trainer", "--sampling", "group_by_length"],
+                               "trl": ["trl"]}
+PEER_LABELS = {"trainer-random": "HF Trainer, random batches (reference: the default, not how a speed-minded user "
+                                 "configures it)",
+               "trainer-grouped": "HF Trainer, train_sampling_strategy=group_by_length",
+               "trl": "TRL SFTTrainer, padding_free=True"}
 
 
 @dataclass
@@ -227,15 +241,16 @@ class Bench:
             self.runs[variant] = (profile, child, cmd)
         return self.runs[variant]
 
-    def worker(self, task: str, *extra: str) -> tuple[dict, Child]:
-        """bench/workers.py `task` in a fresh process, given the qlora run's train.py arguments."""
-        out = self.s.work / f"{task}.json"
+    def worker(self, task: str, *extra: str, variant: str = "qlora", name: str = "") -> tuple[dict, Child]:
+        """bench/workers.py `task` in a fresh process, given the `variant` run's train.py arguments."""
+        name = name or task
+        out = self.s.work / f"{name}.json"
         env = child_env(None, self.s.threads, PYTHONHASHSEED="0")
-        train_cmd = train_py_command(env | recipe_env(self.s), self.s.work / "train_py_qlora",
+        train_cmd = train_py_command(env | recipe_env(self.s, variant), self.s.work / f"train_py_{variant}",
                                      self.s.warmup + self.s.steps, "python")
         cmd = [sys.executable, str(REPO / "bench" / "workers.py"), task, "--json", str(out), *extra, "--",
                *train_cmd[2:]]
-        child = self.run_child(task, cmd, env)
+        child = self.run_child(name, cmd, env)
         return json.loads(out.read_text(encoding="utf-8")), child
 
     def run(self) -> None:
@@ -251,27 +266,71 @@ class Bench:
                 self.rows.append(Row(name, "FAILED", str(e).splitlines()[0][:200]))
 
     def section_train(self) -> None:
-        prof, _, _ = self.train_py("qlora")
-        alt, alt_child = self.worker("trainer", "--workdir", str(self.s.work / "hf_trainer"))
-        self.trainer_rss = alt_child.maxrss
-        ours, peer = summary(prof["steps"], self.s.warmup), summary(alt["steps"], self.s.warmup)
-        epoch, ratio = alt["epoch_padding"], ours["tok_s"] / peer["tok_s"]
+        """train.py against its peers as their users configure them, in both shapes of the job: the recipe
+        (tiny: LoRA + embeddings/head in full) and LoRA only (the 7B recipe's shape); then MFU on this CPU."""
+        shapes = ["qlora"] + (["lora-only"] if "lora-only" in self.s.variants else [])
+        for shape in shapes:
+            self.compare_peers(shape)
+        self.section_mfu()
+
+    def compare_peers(self, shape: str) -> None:
+        prof, _, _ = self.train_py(shape)
+        ours = summary(prof["steps"], self.s.warmup)
+        label = "recipe" if shape == "qlora" else "LoRA only"
+        jobs = [(key, args) for key, args in PEERS.items() if shape == "qlora" or key != "trainer-random"]
+        peers: dict[str, tuple[dict, dict]] = {}
+        for key, args in jobs:
+            alt, child = self.worker(*args, "--workdir", str(self.s.work / f"{key}_{shape}"), variant=shape,
+                                     name=f"{key}_{shape}")
+            if "unsupported" in alt:
+                self.rows.append(Row("train", f"{label}: {PEER_LABELS[key]}", "does not run", alt["unsupported"]))
+                continue
+            peers[key] = (alt, summary(alt["steps"], self.s.warmup))
+            if key == "trainer-random" and shape == "qlora":
+                self.trainer_rss = child.maxrss
+        configured = {k: v for k, v in peers.items() if k != "trainer-random"}
+        best = max(configured, key=lambda k: configured[k][1]["tok_s"]) if configured else None
+        for key, (alt, peer) in peers.items():
+            ratio, per_pos = ours["tok_s"] / peer["tok_s"], ours["pos_s"] / peer["pos_s"]
+            is_best = key == best
+            self.rows += [
+                Row("train", f"{label}: non-padding tokens/s, train.py vs {PEER_LABELS[key]}"
+                    + (" (best-configured peer)" if is_best else "") + f" ({ours['n']} steps)",
+                    f"{ours['tok_s']:.0f}", f"{peer['tok_s']:.0f}", f"{ratio:.2f}x", ">= 1.3x" if is_best else "",
+                    verdict(ratio >= 1.3) if is_best else ""),
+                Row("train", f"{label}: computed positions/s (padding included), train.py vs {PEER_LABELS[key]}",
+                    f"{ours['pos_s']:.0f}", f"{peer['pos_s']:.0f}", f"{per_pos:.2f}x", ">= 1.0x" if is_best else "",
+                    verdict(per_pos >= 1.0) if is_best else ""),
+                Row("train", f"{label}: padding share of computed positions, measured steps: train.py vs "
+                    f"{PEER_LABELS[key]}", pct(ours["pad"]), pct(peer["pad"]), "", "ours < 1%" if is_best else "",
+                    verdict(ours["pad"] < 0.01) if is_best else ""),
+            ]
+            self.details.append(train_details(prof, ours, alt, peer, ratio, f"{label}, vs {PEER_LABELS[key]}"))
+        if shape == "qlora" and peers:
+            alt = next(iter(peers.values()))[0]
+            epoch = alt["epoch_padding"]
+            self.rows.append(Row("train", "padding share of a whole epoch without packing: length-grouped batches "
+                                 "(train.py's sampler) vs random batches (the Trainer's default)", pct(epoch["ours"]),
+                                 pct(epoch["random_longest"])))
+            if alt["samples"] < (self.s.warmup + self.s.steps) * alt["samples_per_step"]:
+                self.s.notes.append("the training set is smaller than the steps asked for: the runs wrapped "
+                                    "around an epoch (train.py then saves a checkpoint inside a timed step); "
+                                    "use fewer --steps")
+
+    def section_mfu(self) -> None:
+        """This CPU's dense matmul peak at the training dtype, and train.py's model-FLOP utilisation."""
+        m, _ = self.worker("matmul")
+        prof = self.runs["qlora"][0]
+        tok_s = summary(prof["steps"], self.s.warmup)["tok_s"]
+        n = m["params"] - m["input_embedding"]
+        peak = m["gflops"] * 1e9
         self.rows += [
-            Row("train", f"QLoRA non-padding tokens/s (total tokens / total time of {ours['n']} steps): train.py "
-                "vs HF Trainer", f"{ours['tok_s']:.0f}", f"{peer['tok_s']:.0f}", f"{ratio:.2f}x", ">= 1.3x",
-                verdict(ratio >= 1.3)),
-            Row("train", "padding share, whole epoch (train.py: length-grouped batches, padded as it pads on this "
-                "device; Trainer: random batches padded to the longest)", pct(epoch["ours"]),
-                pct(epoch["random_longest"]), "", "ours < 5%", verdict(epoch["ours"] < 0.05)),
-            Row("train", "padding share, measured steps", pct(ours["pad"]), pct(peer["pad"]), "", "ours < 5%",
-                verdict(ours["pad"] < 0.05)),
-            Row("train", "padded positions/s (compute speed)", f"{ours['pos_s']:.0f}", f"{peer['pos_s']:.0f}",
-                f"{ours['pos_s'] / peer['pos_s']:.2f}x"),
+            Row("train", f"dense matmul peak of this CPU, {m['dtype']} (the training dtype), {m['threads']} threads, "
+                f"{m['size']}x{m['size']} torch.mm, best of {m['repeats']}", f"{m['gflops']:.1f} GFLOP/s"),
+            Row("train", f"train.py model-FLOP utilisation, recipe: 6·N·tokens/s over that peak (N = {n:,} parameters "
+                "that multiply: all but the input embedding table)", pct(6 * n * tok_s / peak),
+                f"4·N (LoRA/QLoRA: no weight gradients of the frozen base): {pct(4 * n * tok_s / peak)}"),
         ]
-        self.details.append(train_details(prof, ours, alt, peer, ratio))
-        if alt["samples"] < (self.s.warmup + self.s.steps) * alt["samples_per_step"]:
-            self.s.notes.append("the training set is smaller than the steps asked for: the runs wrapped around an "
-                                "epoch (train.py then saves a checkpoint inside a timed step); use fewer --steps")
 
     def section_memory(self) -> None:
         w, _ = self.worker("weights")
@@ -332,7 +391,8 @@ class Bench:
         w = self.weights or self.worker("weights")[0]
         name, params = w["cuda_device"], w["params"]
         if not name:
-            self.rows.append(Row("gpu", "QLoRA tokens/s and MFU on GPU", "not measured on GPU yet"))
+            self.rows.append(Row("gpu", "QLoRA tokens/s and MFU on GPU (the 7B shape: python bench/gpu.py; its plan: "
+                                 "--dry_run)", "not measured on GPU yet"))
             return
         if "qlora" not in self.runs:
             self.rows.append(Row("gpu", f"MFU on {name}", "needs the train section (not run)"))
@@ -382,17 +442,19 @@ def summary(steps: list[dict], warmup: int) -> dict:
 
 
 # --- Report ---
-def train_details(prof: dict, ours: dict, alt: dict, peer: dict, ratio: float) -> str:
+def train_details(prof: dict, ours: dict, alt: dict, peer: dict, ratio: float, title: str = "") -> str:
     """The 'where the time goes' table and the decomposition of the speed ratio."""
     cfg = prof["run_config"]
     ds = cfg.get("deepspeed_config", {})
     engine = (f"DeepSpeed ZeRO-{ds.get('zero_optimization', {}).get('stage', '?')} "
               f"{ds.get('optimizer', {}).get('type', '?')}, {cfg.get('precision', '?')}")
-    lines = ["### Training: where the time goes (mean per optimizer step, warm-up excluded)", "",
+    lines = [f"### Training{': ' + title if title else ''}: where the time goes (mean per optimizer step, warm-up "
+             "excluded)", "",
              "| run | data | forward | backward | optimizer / engine step | other | step | padded positions/s "
              "| tokens/s | padding |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for label, x in ((f"train.py --profile ({engine})", ours),
-                     (f"HF Trainer ({alt['optimizer']}, {alt['precision']})", peer)):
+    packed = ", packed" if cfg.get("packing") else ""
+    for label, x in ((f"train.py --profile ({engine}{packed})", ours),
+                     (f"{alt.get('label', 'HF Trainer')} ({alt['optimizer']}, {alt['precision']})", peer)):
         cells = " | ".join(f"{1000 * x[p]:.0f} ms ({pct(x[p] / x['step_s'])})" for p in PHASES)
         lines.append(f"| {label} | {cells} | {1000 * x['step_s']:.0f} ms | {x['pos_s']:.0f} | {x['tok_s']:.0f} "
                      f"| {pct(x['pad'])} |")

@@ -6,10 +6,19 @@ flags), parsed by train.parse_args, so a worker sees the values train.py sees.
 Subcommands:
 - `trainer`: the usual alternative to train.py, Hugging Face `Trainer` + PEFT QLoRA on the same model,
   samples (utils.Baichuan2PromptDataSet), batch size, sequence limits, LoRA settings and modules trained
-  in full (train.load_model), with the common default collation (`DataCollatorForSeq2Seq`, pad to the
-  longest of a randomly sampled batch, no length grouping), for --max_steps optimizer steps. Per step:
-  non-padding tokens, padded positions, seconds, and where the time went (collation, forward,
-  backward, optimizer); plus the padding share of a whole epoch for both batchings.
+  in full (train.load_model), padded by `DataCollatorForSeq2Seq` to the longest of each batch, for
+  --max_steps optimizer steps. `--sampling group_by_length` is how a speed-minded user configures it
+  (`TrainingArguments(train_sampling_strategy="group_by_length")`: batches of similar length);
+  `--sampling random` is the default (kept as the reference row). Per step: non-padding tokens, padded
+  positions, seconds, and where the time went (collation, forward, backward, optimizer); plus the
+  padding share of a whole epoch for both batchings.
+- `trl`: TRL's `SFTTrainer` on the same model, samples (input_ids + our labels, so the same tokens
+  count), batch, limits and optimizer settings, in its padding-free mode (`SFTConfig(padding_free=True)`:
+  each batch's samples flattened into one row with restarting position_ids, no padding), which is what
+  its docs recommend for speed. TRL's BFD packing (`packing=True`) would also change the number of
+  samples per step, so it would no longer be the same job; padding-free is its packing at the same batch.
+- `matmul`: this machine's dense matmul FLOP/s at the training dtype (the physical limit MFU is taken
+  against) and the model's parameter count.
 - `weights`: resident weight bytes of the model loaded NF4 + double quant, bf16 and fp32, whole
   model and decoder linear layers only.
 - `generation`: `model.chat` (KV cache) vs `generate(use_cache=False)`, time to the first streamed
@@ -126,8 +135,10 @@ def timed_trainer(trainer_cls: type, callback_cls: type, clock: PhaseClock) -> t
 
     class TimedTrainer(trainer_cls):
         def training_step(self, model: Any, inputs: dict, num_items_in_batch: Any = None) -> Any:
-            clock.current["tokens"] += int(inputs["attention_mask"].sum())
-            clock.current["positions"] += inputs["attention_mask"].numel()
+            # padding-free batches (TRL) carry no attention mask: every position is a token
+            mask = inputs.get("attention_mask")
+            clock.current["tokens"] += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+            clock.current["positions"] += inputs["input_ids"].numel()
             forward0, t0 = clock.current["forward"], now()
             out = super().training_step(model, inputs, num_items_in_batch)
             clock.current["backward"] += now() - t0 - (clock.current["forward"] - forward0)
@@ -156,39 +167,125 @@ def timed_trainer(trainer_cls: type, callback_cls: type, clock: PhaseClock) -> t
     return TimedTrainer, StepEnds()
 
 
-def run_trainer(a: argparse.Namespace) -> dict:
-    """The Trainer on train.py's model, samples and recipe arguments; its optimizer and schedule mirror
-    ds_zero2_no_offload.json's (AdamW, betas (0.9, 0.95), clipping 1.0, warm-up then decay)."""
-    import torch
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
-
-    from roleplay.devices import bf16_supported, resolve_device
-
-    targs = a.train
-    device = resolve_device(targs.device, 0)
-    bf16 = bf16_supported(device)
-    tokenizer, dataset, model, _ = load_training_setup(targs, device, bf16)
-    clock = PhaseClock()
-    collator = clock.collate(DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100))
-    t = targs
-    args = TrainingArguments(
+def common_training_arguments(a: argparse.Namespace, device: Any, bf16: bool) -> dict[str, Any]:
+    """The TrainingArguments both peers share: train.py's batch, limits and seed; an optimizer and schedule
+    that mirror ds_zero2_no_offload.json's (AdamW, betas (0.9, 0.95), clipping 1.0, warm-up then decay)."""
+    t = a.train
+    return dict(
         output_dir=a.workdir, per_device_train_batch_size=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, max_steps=t.max_steps,
         learning_rate=t.learning_rate, weight_decay=t.weight_decay, adam_beta2=0.95, max_grad_norm=1.0,
         lr_scheduler_type="cosine", warmup_steps=max(1, math.ceil(t.max_steps * t.warmup_ratio)),
-        bf16=bf16, use_cpu=device.type == "cpu", seed=t.seed, data_seed=t.seed, train_sampling_strategy="random",
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        bf16=bf16, use_cpu=device.type == "cpu", seed=t.seed, data_seed=t.seed,
+        activation_checkpointing=t.gradient_checkpointing,  # transformers 5.24's name for gradient_checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=0, remove_unused_columns=False)
-    trainer_cls, step_ends = timed_trainer(Trainer, TrainerCallback, clock)
-    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[step_ends])
-    trainer.train()
-    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
+
+
+def peer_result(clock: PhaseClock, args: Any, dataset: Any, a: argparse.Namespace, device: Any, bf16: bool,
+                label: str) -> dict:
+    import torch
+
+    t = a.train
     return {"steps": clock.steps, "threads": torch.get_num_threads(), "precision": "bf16 autocast" if bf16 else "fp32",
-            "optimizer": args.optim, "samples": len(dataset), "samples_per_step": per_step,
+            "optimizer": args.optim, "samples": len(dataset), "label": label,
+            "samples_per_step": t.per_device_train_batch_size * t.gradient_accumulation_steps,
             "epoch_padding": epoch_padding(dataset.lengths, t.per_device_train_batch_size,
                                            t.gradient_accumulation_steps, t.seed, device)}
+
+
+def run_trainer(a: argparse.Namespace) -> dict:
+    """The Trainer on train.py's model, samples and recipe arguments, random or length-grouped batches."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    from roleplay.devices import bf16_supported, resolve_device
+
+    device = resolve_device(a.train.device, 0)
+    bf16 = bf16_supported(device)
+    tokenizer, dataset, model, _ = load_training_setup(a.train, device, bf16)
+    clock = PhaseClock()
+    collator = clock.collate(DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100))
+    args = TrainingArguments(**common_training_arguments(a, device, bf16), train_sampling_strategy=a.sampling)
+    trainer_cls, step_ends = timed_trainer(Trainer, TrainerCallback, clock)
+    trainer = trainer_cls(model=model, args=args, train_dataset=PlainSamples(dataset), data_collator=collator,
+                          callbacks=[step_ends])
+    trainer.train()
+    return peer_result(clock, args, dataset, a, device, bf16, f"HF Trainer, {a.sampling} batches")
+
+
+class PlainSamples:
+    """The dataset's samples as the Trainer's collators take them: input_ids and labels, no extra keys."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.dataset[i]
+        return {"input_ids": s["input_ids"], "labels": s["labels"]}
+
+
+def run_trl(a: argparse.Namespace) -> dict:
+    """TRL SFTTrainer, padding-free, on train.py's model, samples and recipe arguments."""
+    import importlib.metadata
+
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from roleplay.devices import bf16_supported, resolve_device
+
+    device = resolve_device(a.train.device, 0)
+    bf16 = bf16_supported(device)
+    tokenizer, dataset, model, _ = load_training_setup(a.train, device, bf16)
+    head = model.get_output_embeddings()
+    head = getattr(head, "original_module", head)  # PEFT's modules_to_save wrapper around the head
+    if not isinstance(head, torch.nn.Linear):
+        # SFTTrainer (1.16) always scores through its own chunked LM head, which multiplies by the head's raw
+        # `weight` (and reads `.bias`): Baichuan's NormHead normalises the rows first, so TRL would train a
+        # different model (and it stops on the missing bias). No setting turns that path off.
+        return {"unsupported": f"TRL {importlib.metadata.version('trl')} SFTTrainer scores through its own LM head "
+                f"(raw head weight and bias); this model's head is a {type(head).__name__}, so TRL cannot train it"}
+    clock = PhaseClock()
+    rows = Dataset.from_list([PlainSamples(dataset)[i] for i in range(len(dataset))])
+    args = SFTConfig(**common_training_arguments(a, device, bf16), padding_free=True, packing=False, max_length=None,
+                     dataset_kwargs={"skip_prepare_dataset": True})
+    trainer_cls, step_ends = timed_trainer(SFTTrainer, TrainerCallback, clock)
+    trainer = trainer_cls(model=model, args=args, train_dataset=rows, processing_class=tokenizer, callbacks=[step_ends])
+    trainer.data_collator = clock.collate(trainer.data_collator)
+    trainer.train()
+    return peer_result(clock, args, dataset, a, device, bf16, "TRL SFTTrainer, padding-free")
+
+
+# --- matmul: this machine's dense matmul peak at the training dtype ---
+def run_matmul(a: argparse.Namespace, size: int = 2048, repeats: int = 7) -> dict:
+    """Best-of-`repeats` FLOP/s of a size x size torch.mm in the dtype train.py trains in here (bf16 where
+    the device has it natively, else fp32), on this process's threads; and the model's parameter count
+    (built on the meta device: nothing loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import baichuan  # noqa: F401  (registers the Baichuan Auto classes)
+    from roleplay.devices import bf16_supported, resolve_device
+
+    device = resolve_device(a.train.device, 0)
+    dtype = torch.bfloat16 if bf16_supported(device) else torch.float32
+    x, y = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first call warms up
+        t0 = now()
+        torch.mm(x, y)
+        best = min(best, now() - t0)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(a.train.model_name_or_path))
+    return {"gflops": 2 * size**3 / best / 1e9, "dtype": str(dtype).replace("torch.", ""), "size": size,
+            "repeats": repeats, "threads": torch.get_num_threads(), "device": str(device),
+            "params": sum(p.numel() for p in model.parameters()),
+            "input_embedding": model.get_input_embeddings().weight.numel()}
 
 
 # --- weights: resident bytes NF4 vs bf16 vs fp32 ---
@@ -313,7 +410,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("task", choices=sorted(TASKS), help="what to measure")
     p.add_argument("--json", required=True, help="where to write the result")
-    p.add_argument("--workdir", default="", help="trainer: scratch folder (Trainer output_dir)")
+    p.add_argument("--workdir", default="", help="trainer, trl: scratch folder (Trainer output_dir)")
+    p.add_argument("--sampling", choices=["random", "group_by_length"], default="random",
+                   help="trainer: the Trainer's train_sampling_strategy")
     p.add_argument("--new_tokens", type=int, default=32, help="generation: tokens per reply")
     p.add_argument("--repeats", type=int, default=3, help="generation: timed repeats (median)")
     a = p.parse_args(argv[:cut])
@@ -322,7 +421,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 TASKS: dict[str, Callable[[argparse.Namespace], dict]] = {
-    "trainer": run_trainer, "weights": run_weights, "generation": run_generation}
+    "trainer": run_trainer, "trl": run_trl, "matmul": run_matmul, "weights": run_weights,
+    "generation": run_generation}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,12 @@ the system prompt, the one prompt builder, the dataset and the collator):
 - `roleplay.plotting`: the training loss plot;
 - `roleplay.profiling`: per-phase step timers for `train.py --profile`;
 - `roleplay.attributes`: the attribute-table expansion into fact records and its question templates.
+- `roleplay.dialogue`: multi-turn conversations composed for training and evaluation, generated round by
+  round, and scored (fact accuracy and out-of-character rate by round, consistency, reply quality);
+- `roleplay.packing`: packed micro-batches (`train.py --packing`) and the loss per record kind;
+- `roleplay.adapters`: one base with one LoRA adapter per role, the per-model adapter switch, mixed batches;
+- `roleplay.api`: the OpenAI-compatible API (request checks, schema, SSE, bounded queue) web_demo.py mounts;
+- `roleplay.versions`: the start-up warning when an installed package is outside requirements.txt.
 
 Import order runs one way: the stage scripts (data_helper.py, train.py, merge_params.py, predict.py,
 web_demo.py, tools/, bench/) import these modules and `utils`; these import `utils`, each other

@@ -5,7 +5,11 @@ adapter for inference (predict.py, web_demo.py, merge_params.py, bench/), resizi
 added pad token, and LoRA target discovery (`find_all_linear_names`).
 
 Nothing here runs remote code: `import baichuan` registers the Baichuan2 classes with the Auto
-factories. torch, transformers, peft and bitsandbytes are imported inside the functions.
+factories, and a config.json whose model_type neither we nor transformers know is refused (its
+`auto_map` code is never imported). Before any library reads a folder, its JSON files must parse and
+every safetensors file must have a complete header whose tensors the file covers (a truncated,
+zero-filled or cut-off download is one error naming the file, not a traceback from deep inside a
+loader). torch, transformers, peft and bitsandbytes are imported inside the functions.
 
 Example:
     >>> from roleplay.loading import load_model_for_inference
@@ -39,29 +43,109 @@ TRAIN_MODEL_HINT = ("for real weights download Baichuan2-7B-Chat (or a Qwen2-arc
                     "folder and pass it; for the embedded tiny default run `python tools/build_default.py` first")
 
 
+REFETCH_HINT = "the file is truncated or corrupt: download, merge or build the folder again"
+
+
 def check_model_dir(path: str, hint: str = INFERENCE_MODEL_HINT) -> None:
-    """A clear UserError unless `path` is a model folder: a folder with config.json and weights."""
+    """A clear UserError unless `path` is a model folder: a folder with a config.json that parses (a
+    JSON object with a model_type) and weights whose files are complete (`check_weight_files`).
+    Cheap: no torch, no transformers (train.py checks before importing them)."""
     p = Path(path)
     if not p.is_dir():
         raise UserError(f"model folder {path!r} not found; {hint}")
     if not (p / "config.json").is_file():
         raise UserError(f"{path}: no config.json, so it is not a model folder; {hint}")
+    config = read_json_object(p / "config.json", "model config", f"fix or re-download it; {hint}", UserError)
     if not any(any(p.glob(pattern)) for pattern in WEIGHT_PATTERNS):
         raise UserError(f"{path}: no model weights (*.safetensors or pytorch_model*.bin); the download or "
                         "merge is incomplete: fetch/merge again")
+    if not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        raise UserError(f"{p / 'config.json'}: no \"model_type\" string, so the architecture is unknown; "
+                        f"re-download the folder or fix the file; {hint}")
+    check_weight_files(p)
 
 
-def _check_adapter_dir(path: str) -> None:
+def check_weight_files(folder: str | os.PathLike, names: tuple[str, ...] = ("*.safetensors", "*.bin")) -> None:
+    """UserError naming the first weight file in `folder` that cannot be whole: an empty file, a
+    safetensors file whose header does not parse or whose tensors run past its end (safetensors'
+    own header check, reading no tensor data), or a `.bin` that is neither a torch zip archive nor
+    a legacy pickle stream. Only headers are read, so this costs milliseconds even for 7B shards."""
+    for pattern in names:
+        for f in sorted(Path(folder).glob(pattern)):
+            if f.stat().st_size == 0:
+                raise UserError(f"{f}: empty weight file (0 bytes); {REFETCH_HINT}")
+            if f.suffix == ".safetensors":
+                _check_safetensors(f)
+            else:
+                _check_torch_bin(f)
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):  # numpy: parses the header without importing torch
+            pass
+    except (SafetensorError, OSError) as e:
+        detail = str(e).removeprefix("Error while deserializing header: ")
+        raise UserError(f"{path}: not a complete safetensors file ({detail}); {REFETCH_HINT}") from e
+
+
+def _check_torch_bin(path: Path) -> None:
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(2)
+    # torch.save writes a zip archive; before torch 1.6 a pickle stream (protocol 2: b"\x80\x02")
+    if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):
+        raise UserError(f"{path}: not a torch weight file (neither a complete zip archive nor a pickle stream); "
+                        f"{REFETCH_HINT}")
+
+
+def check_model_type(path: str | os.PathLike) -> None:
+    """UserError unless config.json's model_type is Baichuan2 (ours) or an architecture the installed
+    transformers has built in. A folder that needs its own Python code (`auto_map` with an unknown
+    model_type) is refused by name: that code is never imported (no trust_remote_code)."""
+    from transformers import __version__ as transformers_version
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
+
+    import baichuan  # noqa: F401  (registers "baichuan" with the Auto factories)
+
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():  # not a model folder: check_model_dir's message, where it is called
+        return
+    config = read_json_object(config_path, "model config", "fix or re-download it", UserError)
+    model_type = config.get("model_type")
+    if not model_type or model_type in CONFIG_MAPPING_NAMES or model_type in CONFIG_MAPPING:
+        return  # known, or absent (check_model_dir refuses a model folder without one)
+    remote = ""
+    if isinstance(config.get("auto_map"), dict):
+        files = sorted({str(v).split(".")[0] + ".py" for v in config["auto_map"].values() if isinstance(v, str)})
+        remote = f" (its auto_map names {', '.join(files)}: remote code is never run here)"
+    raise UserError(f"{config_path}: model_type {model_type!r} is not an architecture this project or transformers "
+                    f"{transformers_version} knows{remote}; use a Baichuan2 folder or a model transformers supports "
+                    "(e.g. Qwen2), or a newer transformers if the architecture is newer")
+
+
+def check_adapter_dir(path: str, flag: str = "adapter folder") -> None:
+    """UserError unless `path` is a complete LoRA checkpoint: adapter_config.json that parses as a JSON
+    object and adapter weights whose file is whole. `flag` names the argument in the message
+    (merge_params.py passes "--model_dir")."""
     p = Path(path)
     if not p.is_dir():
-        raise UserError(f"adapter folder {path!r} not found; pass a checkpoint folder written by train.py "
+        raise UserError(f"{flag} {path!r} not found; pass a checkpoint folder written by train.py "
                         "(output/qlora/epoch-E-step-S)")
     if not (p / ADAPTER_CONFIG_NAME).is_file():
         raise UserError(f"{path}: no {ADAPTER_CONFIG_NAME}, so it is not a LoRA checkpoint (a full-mode "
                         "checkpoint is a model folder: pass it as the model path, without an adapter)")
+    read_json_object(p / ADAPTER_CONFIG_NAME, "adapter config", RERUN_HINT, UserError)
     if not any((p / name).is_file() for name in ADAPTER_WEIGHT_NAMES):
         raise UserError(f"{path}: adapter weights (adapter_model.safetensors) missing; the checkpoint is "
                         "incomplete: pick another one or re-train")
+    check_weight_files(p, ADAPTER_WEIGHT_NAMES)
+
+
+_check_adapter_dir = check_adapter_dir  # the name other modules knew
 
 
 def resolve_model_paths(model_path: str, adapter_dir: str | None = None) -> tuple[str, str | None]:
@@ -105,7 +189,10 @@ def load_tokenizer(base_dir: str, adapter_dir: str | None = None, *, training: b
     from transformers import AutoTokenizer
 
     import baichuan  # noqa: F401  (registers the Baichuan classes with the Auto factories)
+    from roleplay.versions import warn_if_untested
 
+    warn_if_untested()  # every script that loads a model comes through here first, once
+    check_model_type(base_dir)  # before AutoTokenizer, which would blame the tokenizer files
     src = base_dir
     if adapter_dir and any((Path(adapter_dir) / n).is_file() for n in TOKENIZER_FILE_NAMES):
         src = adapter_dir

@@ -156,12 +156,17 @@ def make_inputs(tmp_path: Path, layout: str = "flat", files: dict | None = None,
             "templates": templates, "output_dir": tmp_path / "out"}
 
 
+# single-turn output only: the tests of the single-turn records read every record's input/output;
+# tests/test_dialogue.py covers the multi-turn conversations the defaults add
+SINGLE_TURN = ("--dialogues_per_role", "0", "--attribute_dialogues", "0", "--eval_dialogues", "0")
+
+
 def data_helper_argv(paths: dict, *extra: str) -> list[str]:
-    """data_helper.py's command line for the paths of `make_inputs`."""
+    """data_helper.py's command line for the paths of `make_inputs` (single-turn records only)."""
     args = []
     for key in ("data_dir", "profiles", "attributes", "templates", "output_dir"):
         args += [f"--{key}", str(paths[key])]
-    return args + list(extra)
+    return args + list(SINGLE_TURN) + list(extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +257,37 @@ def assert_tensors_close(a: dict, b: dict, rtol: float, atol: float) -> None:
         assert torch.allclose(x, y, rtol=rtol, atol=atol), (k, (x - y).abs().max().item())
 
 
+def make_lora_checkpoint(base: Path, out: Path, train_mode: str = "lora", seed: int = 0, scale: float = 0.05,
+                         modules_to_save: str = "") -> Path:
+    """A checkpoint folder as train.py writes it (adapter, tokenizer, run_config.json) without a training
+    run: train.py's own `load_model` (same LoRA targets, pad-token resize, PEFT save), random LoRA B
+    (and fully trained modules shifted) with `scale`, so the adapter visibly changes the replies."""
+    import torch
+
+    import train
+    import utils
+    from roleplay import loading
+
+    args = train.parse_args(["--model_name_or_path", str(base), "--train_mode", train_mode, "--output_dir", str(out),
+                             "--modules_to_save", modules_to_save])
+    tokenizer = loading.load_tokenizer(str(base), training=True)
+    torch.manual_seed(seed)
+    model, report = train.load_model(args, torch.device("cpu"), torch.float32, tokenizer)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.normal_(0.0, scale)
+            elif "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * scale)
+    out.mkdir(parents=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    utils.write_json(out / utils.RUN_CONFIG_NAME, {"base_model": str(base.resolve()), "train_mode": train_mode,
+                                                   "resized_embeddings": report["resized"],
+                                                   "lora_target_modules": report["targets"]})
+    return out
+
+
 def ds_config_file(tmp: Path, name: str = "ds.json", **edits) -> Path:
     """The repo's DeepSpeed config with dotted-key edits (`bf16__enabled=False`), written to tmp."""
     cfg = json.loads((REPO / "ds_zero2_no_offload.json").read_text(encoding="utf-8"))
@@ -283,4 +319,41 @@ def broken_model(src: Path, dst: Path, drop: str) -> Path:
 def profiles_file(path: Path, content: bytes | None = None) -> Path:
     """A profiles file at `path`: SCRIPT_PROFILES, or the raw bytes `content`."""
     path.write_bytes(json.dumps(SCRIPT_PROFILES, ensure_ascii=False).encode() if content is None else content)
+    return path
+
+
+MARKER_NAME = "remote-code-ran"  # the file an `auto_map` module would create if anything imported it
+
+
+def corrupt_model(src: Path, dst: Path, how: str) -> Path:
+    """A copy of the model folder `src`, broken one way: "truncated_weights" (model.safetensors cut in
+    half), "zero_weights" (as long, all zero bytes), "malformed_config" (config.json cut in half) or
+    "unknown_model_type" (a model_type nobody knows, with an `auto_map` to a module in the folder that
+    would write MARKER_NAME beside it if it were ever imported)."""
+    shutil.copytree(src, dst)
+    weights, config = dst / "model.safetensors", dst / "config.json"
+    if how == "truncated_weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "zero_weights":
+        weights.write_bytes(b"\0" * weights.stat().st_size)
+    elif how == "malformed_config":
+        text = config.read_text(encoding="utf-8")
+        config.write_text(text[: len(text) // 2], encoding="utf-8")
+    elif how == "unknown_model_type":
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+        cfg.update(model_type="evil_arch", auto_map={"AutoConfig": "evil_arch.EvilConfig",
+                                                     "AutoModelForCausalLM": "evil_arch.EvilModel"})
+        config.write_text(json.dumps(cfg), encoding="utf-8")
+        (dst / "evil_arch.py").write_text(f"open({str(dst / MARKER_NAME)!r}, 'w').close()\n", encoding="utf-8")
+    else:
+        raise ValueError(how)
+    return dst
+
+
+def tiny_safetensors(path: Path) -> Path:
+    """A valid one-tensor safetensors file (a stand-in adapter for cells that fail before reading it)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({"x": np.zeros(2, dtype=np.float32)}, str(path))
     return path

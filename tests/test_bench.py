@@ -93,7 +93,10 @@ def test_quick_run_writes_every_section(tmp_path: Path, tiny_model_dir: Path) ->
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = out.read_text(encoding="utf-8")
     assert "FAILED" not in report
-    for needle in ("## Results", "| train | QLoRA non-padding tokens/s", "| train | padding share, whole epoch",
+    for needle in ("## Results", "| train | recipe: non-padding tokens/s, train.py vs HF Trainer, random batches",
+                   "train_sampling_strategy=group_by_length (best-configured peer)", "TRL SFTTrainer",
+                   "| train | padding share of a whole epoch", "| train | dense matmul peak of this CPU",
+                   "| train | train.py model-FLOP utilisation",
                    "| memory | resident weights, decoder linear layers only", "| memory | peak RSS",
                    "| generation | decode tokens/s", "| generation | time to first streamed token",
                    "| generation | generation.generate_batch", "| data | data_helper.py", "| gpu |",
@@ -129,3 +132,22 @@ def test_with_flags_replaces_appends_and_removes() -> None:
 def test_unknown_section_is_a_usage_error() -> None:
     with pytest.raises(SystemExit):
         bench_run.parse_args(["--skip", "nope"])
+
+
+def test_gpu_dry_run_prints_the_7b_plan(tmp_path: Path) -> None:
+    """bench/gpu.py --dry_run builds the Baichuan2-7B shape on the meta device (no memory, no GPU) and prints
+    the plan: shapes, the parameter count (7.506 B, as the published checkpoint) and a memory estimate."""
+    out = tmp_path / "plan.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--dry_run", "--json", str(out)], cwd=REPO,
+                          env=child_env(None), capture_output=True, text=True, check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads(out.read_text(encoding="utf-8"))
+    assert round(plan["params"] / 1e9, 3) == 7.506 and "(7.506 B)" in proc.stdout
+    shapes = {name: (shape, count) for name, shape, count in plan["shapes"]}
+    assert shapes["model.layers.{i}.self_attn.W_pack.weight"] == ([3 * 4096, 4096], 32)
+    assert shapes["lm_head.weight"] == ([125696, 4096], 1) and shapes["model.embed_tokens.weight"][0] == [125696, 4096]
+    assert sum(s[0][0] * (s[0][1] if len(s[0]) > 1 else 1) * s[1] for s in shapes.values()) == plan["params"]
+    # QLoRA of a 7.5 B model on one GPU: more than its 4-bit weights, far less than its bf16 weights (15 GB)
+    assert 3.5 * 2**30 < plan["memory_total"] < 15e9
+    assert "memory estimate" in proc.stdout and "GiB" in proc.stdout
+    assert plan["tokens_per_step"] == 2 * 512 * 4  # the seed's recipe: batch 2 x 512, grad accum 4

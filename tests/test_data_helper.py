@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from tests.helpers import (
     GENERAL_TEST,
     GENERAL_TRAIN,
     ROLEBENCH_PROFILES,
+    SINGLE_TURN,
     SPECIFIC_TEST,
     TABLE,
     TEMPLATES,
@@ -216,9 +218,10 @@ def test_attribute_records_split_by_template_set(tmp_path):
 def test_attribute_characters_need_no_profile_and_rolebench_is_optional(tmp_path, capsys):
     paths = make_inputs(tmp_path, files={})
     paths["profiles"] = tmp_path / "does-not-exist.json"
+    paths["data_dir"] = ""  # the explicit attribute-only build
     train, test = run_ok(paths)
     assert {r["source"] for r in train + test} == {"attribute"}
-    assert "warning: no RoleBench files" in capsys.readouterr().out
+    assert "--data_dir '': no RoleBench data" in capsys.readouterr().out
 
 
 def test_expand_attributes_public_api():
@@ -467,10 +470,12 @@ def test_defaults_work_from_the_repo_root(tmp_path, monkeypatch, capsys):
     (tmp_path / utils.PROFILES_PATH).write_text(json.dumps(ROLEBENCH_PROFILES, ensure_ascii=False), encoding="utf-8")
     (tmp_path / utils.ATTRIBUTES_PATH).write_text(json.dumps(TABLE, ensure_ascii=False), encoding="utf-8")
     (tmp_path / data_helper.TEMPLATES_PATH).write_text(json.dumps(TEMPLATES, ensure_ascii=False), encoding="utf-8")
+    shutil.copy(REPO / utils.DIALOGUE_TEMPLATES_PATH, tmp_path / utils.DIALOGUE_TEMPLATES_PATH)
     assert data_helper.main([]) == 0
     train = [r for _, r in utils.read_jsonl(tmp_path / utils.TRAIN_PATH)]
     test = [r for _, r in utils.read_jsonl(tmp_path / utils.TEST_PATH)]
-    assert {r["source"] for r in train} == {"attribute", "rolebench_general", "rolebench_role_specific"}
+    assert {r["source"] for r in train} == {"attribute", "rolebench_general", "rolebench_role_specific",
+                                            "role_dialogue", "attribute_dialogue"}  # multi-turn by default
     assert test and "--max_replies" in capsys.readouterr().out  # 3 references, 2 kept by default
 
 
@@ -600,7 +605,8 @@ SEED_TEMPLATES = FIXTURES / "attribute_templates_seed_style.json"
 def run_fixture(tmp_path: Path, data_dir: Path, *extra: str, attributes: str | Path = "") -> tuple[list, list, str]:
     """data_helper on a fixture folder into tmp_path/out: (train, test, summary)."""
     out = tmp_path / "out"
-    args = ["--data_dir", str(data_dir), "--attributes", str(attributes), "--output_dir", str(out), *extra]
+    args = ["--data_dir", str(data_dir), "--attributes", str(attributes), "--output_dir", str(out), *SINGLE_TURN,
+            *extra]
     proc = subprocess.run([sys.executable, str(REPO / "data_helper.py"), *args], cwd=REPO, capture_output=True,
                           text=True, check=False)
     assert proc.returncode == 0, proc.stderr

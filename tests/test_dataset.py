@@ -86,16 +86,19 @@ def test_sample_masks_prompt_and_keeps_answer_with_eos(qwen_tok):
     assert text.endswith("<|im_start|>assistant\n" + ANSWER + "<|im_end|>"), text
 
 
-def test_sample_prompt_is_cut_to_max_src_len_like_inference(qwen_tok):
+def test_sample_long_prompt_cuts_the_user_text_never_the_system(qwen_tok):
     full = utils.build_prompt_ids(qwen_tok, _messages(), 10**9)
-    max_src = len(full) - 7
+    max_src = len(full) - 3
     ids, labels, truncated = utils.build_training_sample(qwen_tok, SYSTEM, USER, ANSWER, max_src, 512)
     n = _split(ids, labels)
-    assert truncated
-    assert n == max_src
-    assert ids[:n] == utils.build_prompt_ids(qwen_tok, _messages(), max_src)  # what inference would feed
-    assert ids[:n] == full[-max_src:]  # cut from the left: the assistant marker at the end survives
+    assert truncated and n <= max_src
+    text = qwen_tok.decode(ids[:n])
+    assert SYSTEM in text and text.endswith("<|im_start|>assistant\n")  # the system prompt and both markers stay
+    assert USER[-1] in text and USER not in text  # the user text lost its start, kept its end
     assert ids[n:] == utils.encode_text(qwen_tok, ANSWER) + [qwen_tok.eos_token_id]
+    # a system prompt that alone does not fit gives no sample at all (it is never cut)
+    ids, labels, truncated = utils.build_training_sample(qwen_tok, SYSTEM * 4, USER, ANSWER, max_src, 512)
+    assert ids == [] and labels == [] and truncated
 
 
 def test_sample_answer_is_cut_to_max_len(qwen_tok):
@@ -121,11 +124,14 @@ def test_sample_baichuan_layout(baichuan_tok):
     ids, labels, _ = utils.build_training_sample(baichuan_tok, SYSTEM, USER, ANSWER, 400, 512, gen)
     n = _split(ids, labels)
     assert ids[n - 1] == 196 and 195 in ids[:n]  # ... [195] user [196] | answer EOS
-    # a cut prompt equals the inference builder's cut
+    # a cut prompt keeps the system prompt and the markers; the user text loses its start
     full = utils.build_prompt_ids(baichuan_tok, _messages(), 10**9, gen)
     cut = len(full) - 3
     ids, labels, truncated = utils.build_training_sample(baichuan_tok, SYSTEM, USER, ANSWER, cut, 512, gen)
-    assert truncated and ids[:_split(ids, labels)] == utils.build_prompt_ids(baichuan_tok, _messages(), cut, gen)
+    n = _split(ids, labels)
+    system_ids = utils.build_prompt_ids(baichuan_tok, _messages(user=""), 10**9, gen)[:-2]
+    assert truncated and n == cut and ids[:len(system_ids)] == system_ids
+    assert ids[len(system_ids)] == 195 and ids[n - 1] == 196 and ids[n - 4:n] == full[-4:]
 
 
 def test_sample_baichuan_answer_cannot_forge_eos(baichuan_tok):
@@ -153,13 +159,14 @@ def test_dataset_truncation_and_is_skip_counts(qwen_tok, tmp_path):
     assert len(utils.build_prompt_ids(qwen_tok, _messages(SYSTEM * 4), 10**9)) > max_src
 
     kept = utils.Baichuan2PromptDataSet(path, qwen_tok, max_len, max_src, is_skip=False)
-    assert len(kept) == 5 and kept.skipped == 0 and kept.truncated == 2
+    # the long system prompt cannot be cut, so that record is skipped even without is_skip
+    assert len(kept) == 4 and kept.skipped == 1 and kept.truncated == 1
     assert max(kept.lengths) == max_len
     assert all(len(s["input_ids"]) <= max_len and len(s["input_ids"]) == len(s["labels"]) for s in kept.samples)
     assert kept.lengths == [len(s["input_ids"]) for s in kept.samples]
     # the dataset's sample is build_training_sample's
     ids, labels, _ = utils.build_training_sample(qwen_tok, SYSTEM, USER, ANSWER, max_src, max_len)
-    assert kept[0] == {"input_ids": ids, "labels": labels}
+    assert kept[0] == {"input_ids": ids, "labels": labels, "group": 1}  # no source: a role reply (LOSS_GROUPS)
 
     skipped = utils.Baichuan2PromptDataSet(path, qwen_tok, max_len, max_src, is_skip=True)
     assert len(skipped) == 3 and skipped.skipped == 2 and skipped.truncated == 0
@@ -292,7 +299,8 @@ def test_sampler_feeds_a_dataloader(qwen_tok, tmp_path):
     from torch.utils.data import DataLoader
 
     records = [{"instruction": SYSTEM[: 10 + 7 * i], "input": USER, "output": ANSWER * (1 + i % 3)} for i in range(9)]
-    ds = utils.Baichuan2PromptDataSet(dump_jsonl(tmp_path / "t.json", records), qwen_tok, 256, 128)
+    ds = utils.Baichuan2PromptDataSet(dump_jsonl(tmp_path / "t.json", records), qwen_tok, 1024, 512)
+    assert len(ds) == 9  # every system prompt fits (one that does not is skipped, never cut)
     sampler = _sampler(ds.lengths, 2, 1, 0, 2, seed=0)
     collator = utils.DataCollator(99)
     batches = list(DataLoader(ds, batch_sampler=sampler, collate_fn=collator))

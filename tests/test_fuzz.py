@@ -12,12 +12,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import utils
-from tools.tiny_models import ASSISTANT_TOKEN_ID, USER_TOKEN_ID, make_tiny_qwen2
+from tools.tiny_models import ASSISTANT_TOKEN_ID, USER_TOKEN_ID
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # any Unicode (surrogates excluded: they cannot be encoded), sprinkled with the special tokens' text
@@ -25,20 +24,6 @@ SPECIAL_TEXT = st.sampled_from(["<reserved_106>", "<reserved_107>", "</s>", "<s>
                                 "<|im_end|>", "<|endoftext|>", "\n", " "])
 TEXT = st.lists(st.one_of(st.text(st.characters(blacklist_categories=("Cs",)), max_size=40), SPECIAL_TEXT),
                 max_size=6).map("".join)
-
-
-@pytest.fixture(scope="module")
-def baichuan_tok(tiny_tokenizer_dir: Path):
-    from baichuan.tokenization_baichuan import BaichuanTokenizer
-
-    return BaichuanTokenizer.from_pretrained(str(tiny_tokenizer_dir))
-
-
-@pytest.fixture(scope="module")
-def qwen_tok(tmp_path_factory: pytest.TempPathFactory):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(make_tiny_qwen2(tmp_path_factory.mktemp("fuzz-qwen")))
 
 
 def control_ids(tok) -> set[int]:

@@ -49,23 +49,9 @@ def _few_threads():
 # ---------------------------------------------------------------------------------------------
 def make_checkpoint(base: Path, out: Path, train_mode: str = "lora", seed: int = 0) -> Path:
     """A checkpoint folder as train.py writes it (adapter, tokenizer, run_config.json), random LoRA B."""
-    import train
+    from tests.helpers import make_lora_checkpoint
 
-    args = train.parse_args(["--model_name_or_path", str(base), "--train_mode", train_mode, "--output_dir", str(out)])
-    tokenizer = loading.load_tokenizer(str(base), training=True)
-    torch.manual_seed(seed)
-    model, report = train.load_model(args, torch.device("cpu"), torch.float32, tokenizer)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name or "lora_embedding_B" in name:
-                p.normal_(0.0, 0.05)
-    out.mkdir(parents=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    utils.write_json(out / utils.RUN_CONFIG_NAME, {"base_model": str(base.resolve()), "train_mode": train_mode,
-                                                   "resized_embeddings": report["resized"],
-                                                   "lora_target_modules": report["targets"]})
-    return out
+    return make_lora_checkpoint(base, out, train_mode, seed)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +122,7 @@ def test_merge_equals_base_plus_adapter(models: dict[str, Path]) -> None:
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()  # plain Auto class (baichuan registered)
     assert type(merged).__name__ in ("Qwen2ForCausalLM", "BaichuanForCausalLM")
     assert merged.get_input_embeddings().weight.shape[0] == len(tok)
-    gc = generation.generation_config_for(adapted)
+    gc = generation.generation_config_for(adapted, max_new_tokens=16)  # room for the whole system prompt
     for messages in MESSAGES:
         ids = generation.chat_prompt_ids(adapted, tok, messages, gc)
         ref = logits(adapted, ids)
@@ -177,7 +163,8 @@ def test_padded_vocabulary_kept_by_training(tmp_path: Path) -> None:
     assert adapted.get_input_embeddings().weight.shape[0] == model.config.vocab_size > len(tok)
     assert merge_params.main(["--model_dir", str(ckpt), "--save_model_dir", str(tmp_path / "merged")]) == 0
     merged, _ = loading.load_model_for_inference(str(tmp_path / "merged"), device="cpu")
-    ids = generation.chat_prompt_ids(merged, tok, MESSAGES[0], generation.generation_config_for(merged))
+    gc = generation.generation_config_for(merged, max_new_tokens=16)  # room for the whole system prompt
+    ids = generation.chat_prompt_ids(merged, tok, MESSAGES[0], gc)
     torch.testing.assert_close(logits(merged, ids), logits(adapted, ids), atol=1e-4, rtol=1e-4)
 
 
@@ -539,3 +526,91 @@ def test_predict_interactive_piped_stdin(qwen: dict[str, Path], tmp_path: Path) 
                           env=child_env())
     assert proc.returncode == 0, proc.stderr
     assert "华妃: " in proc.stdout and proc.stdout.rstrip().endswith("bye")
+
+
+# ---------------------------------------------------------------------------------------------
+# predict.py --adapter ROLE=PATH: one base, one adapter per role
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def role_adapters(baichuan_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two LoRA checkpoints of the tiny Baichuan2 base, one per role (孙悟空, 李白)."""
+    from tests.helpers import make_lora_checkpoint
+
+    root = tmp_path_factory.mktemp("role-adapters")
+    base = baichuan_models["base"]
+    return {"base": base, "孙悟空": make_lora_checkpoint(base, root / "wukong" / "epoch-1-step-2", seed=5, scale=0.3),
+            "李白": make_lora_checkpoint(base, root / "libai" / "epoch-1-step-2", seed=6, scale=0.3)}
+
+
+def replies_alone(base: Path, adapter: Path | None, chats: list[list[dict]], max_new_tokens: int) -> list[str]:
+    model, tok = loading.load_model_for_inference(str(base), None if adapter is None else str(adapter), device="cpu")
+    gc = generation.generation_config_for(model, do_sample=False, max_new_tokens=max_new_tokens)
+    return [generation.chat_once(model, tok, m, gc) for m in chats]
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["others-base", "others-shared-adapter"])
+def test_predict_batch_with_role_adapters(role_adapters: dict[str, Path], baichuan_models: dict[str, Path],
+                                          tmp_path: Path, capsys, shared: bool) -> None:
+    """Each record is scored with its role's adapter; records of other roles with the shared
+    --adapter_dir (or the base without one), as each loaded alone would answer them."""
+    test_file = tmp_path / "test.json"
+    records = write_test_file(test_file)
+    out = tmp_path / "preds.jsonl"
+    argv = ["--model_path", str(role_adapters["base"]), "--test_path", str(test_file), "--output_path", str(out),
+            "--batch_size", "2", "--max_new_tokens", "8", "--device", "cpu",
+            "--adapter", f"孙悟空={role_adapters['孙悟空']}", "--adapter", f"李白={role_adapters['李白']}"]
+    if shared:
+        argv += ["--adapter_dir", str(baichuan_models["ckpt"])]
+    assert predict.main(argv) == 0
+    said = capsys.readouterr()
+    fallback = f"the shared adapter {baichuan_models['ckpt']}" if shared else "the base model (no adapter)"
+    assert f"孙悟空 -> {role_adapters['孙悟空']} (2 records)" in said.err
+    assert f"other roles (3 records): {fallback}" in said.err
+    preds = [json.loads(line)["prediction"] for line in out.read_text(encoding="utf-8").splitlines()]
+    other = baichuan_models["ckpt"] if shared else None
+    expected = []
+    for r in records:
+        folder = role_adapters.get(r["role"], other) if r["role"] in ("孙悟空", "李白") else other
+        expected += replies_alone(role_adapters["base"], folder, [generation.record_messages(r)], 8)
+    assert preds == expected
+    # the adapters matter: 孙悟空's records read differently with 李白's adapter
+    assert replies_alone(role_adapters["base"], role_adapters["李白"], [generation.record_messages(records[0])],
+                         8) != preds[:1]
+    m = json.loads((tmp_path / "preds.metrics.json").read_text(encoding="utf-8"))
+    assert m["model"]["adapters"] == {"孙悟空": str(role_adapters["孙悟空"]), "李白": str(role_adapters["李白"])}
+
+
+def test_predict_interactive_uses_the_roles_adapter(role_adapters: dict[str, Path], tmp_path: Path, monkeypatch,
+                                                    capsys) -> None:
+    profiles = tmp_path / "profiles.json"
+    profiles.write_text(json.dumps(PROFILES, ensure_ascii=False), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("孙悟空\n你好\n/role 李白\n你好\n/role 华妃\n你好\n"))
+    argv = ["--model_path", str(role_adapters["base"]), "--desc_path", str(profiles), "--max_new_tokens", "8",
+            "--no-do_sample", "--device", "cpu",
+            "--adapter", f"孙悟空={role_adapters['孙悟空']}", "--adapter", f"李白={role_adapters['李白']}"]
+    assert predict.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"[孙悟空] talks with adapter {role_adapters['孙悟空']}" in out
+    assert "[华妃] talks with the base model (no adapter)" in out
+    spoken = [line.split("user: ")[-1] for line in out.split("\n") if ": " in line and not line.startswith("[")]
+    spoken = [s for s in spoken if s.startswith(("孙悟空: ", "李白: ", "华妃: "))]
+    expected = []
+    for role, folder in (("孙悟空", role_adapters["孙悟空"]), ("李白", role_adapters["李白"]), ("华妃", None)):
+        messages = [{"role": "system", "content": utils.role_system_prompt(role, PROFILES)},
+                    {"role": "user", "content": "你好"}]
+        expected.append(f"{role}: " + replies_alone(role_adapters["base"], folder, [messages], 8)[0])
+    assert spoken == expected
+
+
+def test_predict_refuses_bad_adapter_specs(role_adapters: dict[str, Path], tmp_path: Path) -> None:
+    """Bad --adapter input: exit 2 with one error line naming the spec, before any model loads."""
+    profiles = tmp_path / "profiles.json"
+    profiles.write_text(json.dumps(PROFILES, ensure_ascii=False), encoding="utf-8")
+    for spec, why in [("孙悟空", "no '='"), (f"不存在={role_adapters['孙悟空']}", "unknown role"),
+                      (f"孙悟空={role_adapters['孙悟空'].parent}", "training output folder")]:
+        proc = subprocess.run([sys.executable, "predict.py", "--model_path", str(role_adapters["base"]), "--desc_path",
+                               str(profiles), "--adapter", spec], input="", check=False, capture_output=True,
+                              text=True, cwd=REPO, timeout=120, env=child_env())
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and why in lines[0], proc.stderr

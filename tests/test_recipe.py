@@ -72,3 +72,27 @@ def test_readme_trains_through_train_sh(doc: str) -> None:
     lines = [line for line in text.splitlines() if "train.py " in line and "--learning_rate" in line]
     assert not lines, lines
     assert "train.sh --print" in text
+
+
+def test_roles_train_one_adapter_per_role(tmp_path: Path) -> None:
+    """ROLES=a,b: one train.py run per role, each on its own records (--roles) into its own folder, with
+    the shared recipe otherwise unchanged; the README's loss plot stays the shared adapter's."""
+    from tools.recipe import train_commands
+
+    env = {"MODEL": str(tmp_path / "none"), "TINY_MODEL": str(tmp_path / "tiny")}
+    shared = train_args(env)
+    runs = train_commands({**env, "ROLES": "孙悟空,赵子龙", "ROLE_OUTPUT_ROOT": str(tmp_path / "roles")})
+    assert len(runs) == 2
+    for role, cmd in zip(["孙悟空", "赵子龙"], runs, strict=True):
+        args = cmd[cmd.index("train.py") + 1:]
+        assert arg_value(args, "--roles") == role and arg_value(args, "--output_dir") == str(tmp_path / "roles" / role)
+        assert "--plot_to_images" not in args and "--plot_to_images" in shared
+        drop = {"--roles", "--output_dir"}
+        mine = [a for i, a in enumerate(args) if a not in drop and (i == 0 or args[i - 1] not in drop)]
+        common = [a for i, a in enumerate(shared) if a not in drop and (i == 0 or shared[i - 1] not in drop)]
+        assert [a for a in mine if a != "--plot_to_images"] == [a for a in common if a != "--plot_to_images"]
+    default_root = train_commands({**env, "ROLES": "孙悟空"})[0]
+    assert arg_value(default_root, "--output_dir") == arg_value(shared, "--output_dir") + "-roles/孙悟空"
+    with pytest.raises(RuntimeError, match="train_commands"):
+        train_command({**env, "ROLES": "孙悟空,赵子龙"})
+    assert not (tmp_path / "roles").exists() and not (tmp_path / "tiny").exists()  # --print runs nothing

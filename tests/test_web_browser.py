@@ -1,9 +1,12 @@
 """web_demo.py in a real browser: Debian's Chromium driven by playwright (no `playwright install`).
 
-The test starts `web_demo.py` as a subprocess on a free localhost port, picks a role, sends two messages,
+The test starts `web_demo.py` as a subprocess on a free localhost port, picks a role, sends two messages
+(the first by pressing Enter; for the second, Shift+Enter must only break the line, then Submit sends),
 waits for each streamed reply, takes a screenshot, checks that switching role starts a fresh conversation,
-and always stops the server. Needs `apt-get install chromium fonts-wqy-zenhei` (the font makes Chinese
-readable in the screenshot); skipped when /usr/bin/chromium is absent.
+and always stops the server. A second test serves the model API-only (with an API key) in one process and
+the page as its client (`--api_base`) in another, and chats through that page. Needs
+`apt-get install chromium fonts-wqy-zenhei` (the font makes Chinese readable in the screenshot); skipped
+when /usr/bin/chromium is absent.
 
 Regenerate the README screenshot on a trained model (env knobs below; the profiles default to
 data/profiles-zh_desc.json when a model is given):
@@ -51,11 +54,15 @@ BOT_MESSAGES = "#chat .message.bot"
 USER_MESSAGES = "#chat .message.user"
 
 
-def start_server(model_path: str | Path, profiles: str | Path, port: int, device: str = "cpu",
-                 adapter_dir: str | Path | None = None, log_path: Path | None = None) -> subprocess.Popen:
-    """`python web_demo.py ...` on 127.0.0.1:`port` (output to `log_path`), seeded for a repeatable run."""
-    cmd = [sys.executable, str(REPO / "web_demo.py"), "--model_path", str(model_path), "--desc_path", str(profiles),
-           "--host", "127.0.0.1", "--port", str(port), "--device", device, "--seed", "0"]
+def start_server(model_path: str | Path | None, profiles: str | Path, port: int, device: str = "cpu",
+                 adapter_dir: str | Path | None = None, log_path: Path | None = None,
+                 extra: Sequence[str] = ()) -> subprocess.Popen:
+    """`python web_demo.py ...` on 127.0.0.1:`port` (output to `log_path`), seeded for a repeatable run;
+    `model_path=None` for a page that is a client of another server (`extra` = --api_base ...)."""
+    cmd = [sys.executable, str(REPO / "web_demo.py"), "--desc_path", str(profiles), "--host", "127.0.0.1",
+           "--port", str(port), "--seed", "0", *extra]
+    if model_path is not None:
+        cmd += ["--model_path", str(model_path), "--device", device]
     if adapter_dir:
         cmd += ["--adapter_dir", str(adapter_dir)]
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
@@ -85,8 +92,11 @@ def pick_role(page: object, role: str) -> None:
             && document.querySelector('#role-card').innerText.startsWith(r)""", arg=role, timeout=60_000)
 
 
-def send_and_wait(page: object, text: str, turn: int, timeout_s: float = REPLY_TIMEOUT) -> tuple[str, list[int]]:
-    """Type `text`, press Submit, wait for the `turn`-th (1-based) reply to finish streaming.
+def send_and_wait(page: object, text: str, turn: int, timeout_s: float = REPLY_TIMEOUT,
+                  send: str = "Enter") -> tuple[str, list[int]]:
+    """Type `text`, send it (`send`: "Enter" presses the key; "click" first checks that Shift+Enter only
+    breaks the line, then removes the newline and presses Submit), wait for the `turn`-th (1-based) reply
+    to finish streaming.
 
     Returns the reply text and the reply lengths seen while it streamed (a MutationObserver records them).
     """
@@ -100,8 +110,18 @@ def send_and_wait(page: object, text: str, turn: int, timeout_s: float = REPLY_T
         });
         window.__observer.observe(chat, {subtree: true, childList: true, characterData: true});
     }""")
-    page.fill("#user-input textarea", text)
-    page.click("#submit")
+    box = "#user-input textarea"
+    page.fill(box, text)
+    if send == "Enter":
+        page.press(box, "Enter")
+    else:
+        page.press(box, "Shift+Enter")
+        page.wait_for_timeout(500)  # a send would have shown the user bubble (and emptied the box) by now
+        value = page.input_value(box)
+        if value != text + "\n" or page.locator(USER_MESSAGES).count() != turn - 1:
+            raise AssertionError(f"Shift+Enter did not just break the line: box {value!r}, {page_state(page)}")
+        page.press(box, "Backspace")
+        page.click("#submit")
     # The event is over: the n-th user bubble is shown and the chat's status tracker is hidden again.
     try:
         page.wait_for_function(
@@ -146,7 +166,7 @@ def run_session(url: str, role: str, screenshots: Sequence[Path], messages: Sequ
             page.wait_for_selector("#chat", timeout=60_000)
             pick_role(page, role)
             for turn, text in enumerate(messages, start=1):
-                reply, lengths = send_and_wait(page, text, turn)
+                reply, lengths = send_and_wait(page, text, turn, send="Enter" if turn % 2 else "click")
                 result["replies"].append(reply)
                 result["lengths"].append(lengths)
             result["user_texts"] = page.locator(USER_MESSAGES).all_inner_texts()
@@ -230,6 +250,54 @@ def test_chat_in_browser(demo_target: dict, tmp_path: Path) -> None:
     finally:
         stop_server(proc)
     assert proc.poll() is not None
+
+
+def wait_for_api(url: str, key: str, proc: subprocess.Popen, timeout: float, log_path: Path) -> list[str]:
+    """Poll GET `url`v1/models (with the key) until the API answers; the model ids."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    request = urllib.request.Request(url + "v1/models", headers={"Authorization": f"Bearer {key}"})
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the API server exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as r:
+                return [m["id"] for m in json.load(r)["data"]]
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"the API server did not answer within {timeout:.0f} s")
+
+
+def test_page_as_client_of_a_remote_server(demo_target: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`web_demo.py --api_only` (API key in the environment) serves the model; a second `web_demo.py
+    --api_base URL --api_key KEY` serves the page with no model of its own; the browser chats there."""
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright (its Python driver only)")
+    key = "browser-test-key"
+    monkeypatch.setenv("ROLEPLAY_API_KEY", key)
+    api_port, page_port = free_port(), free_port()
+    api_url, page_url = f"http://127.0.0.1:{api_port}/", f"http://127.0.0.1:{page_port}/"
+    api_log, page_log = tmp_path / "api.log", tmp_path / "page.log"
+    remote = start_server(demo_target["model"], demo_target["profiles"], api_port, demo_target["device"],
+                          demo_target["adapter"], api_log, extra=["--api_only"])
+    page_proc = None
+    try:
+        assert wait_for_api(api_url, key, remote, SERVER_START_TIMEOUT, api_log) == demo_target["roles"]
+        monkeypatch.delenv("ROLEPLAY_API_KEY")  # the page process gets the key by flag only
+        page_proc = start_server(None, demo_target["profiles"], page_port, log_path=page_log,
+                                 extra=["--api_base", api_url + "v1", "--api_key", key])
+        config = wait_until_serving(page_url, page_proc, SERVER_START_TIMEOUT, page_log)
+        dropdown = next(c for c in config["components"] if c["type"] == "dropdown")
+        assert [c[0] for c in dropdown["props"]["choices"]] == demo_target["roles"]
+        result = run_session(page_url, demo_target["role"], [tmp_path / "remote.png"])
+        assert result["user_texts"] == list(MESSAGES)
+        assert len(result["replies"]) == 2 and all(r.strip() for r in result["replies"])
+    finally:
+        if page_proc is not None:
+            stop_server(page_proc)
+        stop_server(remote)
+    assert remote.poll() is not None and (page_proc is None or page_proc.poll() is not None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,11 +47,6 @@ def profiles(profiles_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_model_dir: Path) -> tuple[Any, Any]:
-    return loading.load_model_for_inference(str(tiny_model_dir), device="cpu")
-
-
-@pytest.fixture(scope="module")
 def adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random (non-zero) LoRA adapter for the tiny model, so base and fine-tuned replies differ."""
     from peft import LoraConfig, get_peft_model
@@ -354,10 +349,66 @@ def test_role_switch_and_clear_reset_the_conversation(backend: web_demo.ChatBack
 @pytest.fixture(scope="module")
 def launched(loaded: tuple[Any, Any], profiles: dict[str, str]) -> Any:
     backend = web_demo.ChatBackend(*loaded, profiles)
-    demo = web_demo.build_ui(backend)
-    url = web_demo.serve(demo, host="127.0.0.1", port=free_port(), concurrency=2, block=False)
-    yield url
-    demo.close()
+    app = web_demo.build_app(backend, api_config=web_demo.api.ApiConfig(), concurrency=2)
+    server = web_demo.serve(app, host="127.0.0.1", port=free_port(), block=False)
+    yield server.url
+    server.close()
+
+
+def test_enter_sends_and_shift_enter_breaks_the_line(backend: web_demo.ChatBackend) -> None:
+    """Gradio's textbox sends on Enter only when it is one line high (lines=1; it grows to max_lines), and
+    Shift+Enter then inserts a newline; a box of 2+ lines would send on Shift+Enter only. The browser test
+    presses the keys."""
+    config = web_demo.build_ui(backend).get_config_file()
+    box = next(c for c in config["components"] if c["props"].get("elem_id") == "user-input")
+    assert box["props"]["lines"] == 1 and box["props"]["max_lines"] > 1
+    assert "Enter sends" in box["props"]["placeholder"] and "Shift+Enter" in box["props"]["placeholder"]
+    deps = config["dependencies"]
+    chat = next(d for d in deps if d["api_name"] == "chat")
+    assert [box["id"], "submit"] in [list(t) for t in chat["targets"]]
+
+
+def test_page_and_api_share_one_port(launched: str) -> None:
+    with urllib.request.urlopen(launched + "v1/models", timeout=30) as r:
+        assert [m["id"] for m in json.load(r)["data"]] == [*ROLES, EXTRA_ROLE]
+    with urllib.request.urlopen(launched + "config", timeout=30) as r:
+        assert json.load(r)["components"]
+
+
+def test_role_adapters_follow_the_role_on_the_page(tiny_model_dir: Path, adapter_dir: Path, profiles_path: Path,
+                                                   profiles: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """--adapter ROLE=PATH: the page's reply for that role runs its adapter, another role the base; a reply
+    closed early stops in the background and frees the adapter switch."""
+    args = web_demo.parse_args(["--model_path", str(tiny_model_dir), "--desc_path", str(profiles_path),
+                                "--device", "cpu", "--adapter", f"孙悟空={adapter_dir}"])
+    backend = web_demo.local_backend(args, profiles)
+    model = backend.model
+    spy = GenerateSpy(model, cap=3)
+    original_call = spy.__call__
+
+    def record_active(*a: Any, **k: Any) -> Any:
+        out = original_call(*a, **k)
+        spy.calls[-1]["active"] = model.active_adapter
+        return out
+
+    monkeypatch.setattr(model, "generate", record_active)
+    run_all(web_demo.respond(backend, "你好", [], "孙悟空", 3, 0.8, 0.3))
+    run_all(web_demo.respond(backend, "你好", [], "刻晴", 3, 0.8, 0.3))
+    assert [(c["adapters_disabled"], c["active"]) for c in spy.calls] == [(False, backend.role_adapters["孙悟空"]),
+                                                                          (True, backend.role_adapters["孙悟空"])]
+    assert backend.role_adapters["刻晴"] is None
+    spy.cap = 50
+    gen = web_demo.respond(backend, "你好", [], "孙悟空", 50, 0.8, 0.3)
+    next(gen), next(gen)
+    gen.close()
+    from roleplay import adapters
+
+    lock = adapters.model_lock(backend.model)
+    deadline = time.monotonic() + 30
+    while not lock.acquire(blocking=False):  # the worker thread stops after its current token
+        assert time.monotonic() < deadline, "the adapter switch stayed locked"
+        time.sleep(0.05)
+    lock.release()
 
 
 def test_config_lists_roles_from_profiles_file(launched: str, profiles: dict[str, str]) -> None:
@@ -427,8 +478,8 @@ def test_compare_needs_adapter(tiny_model_dir: Path, capsys: pytest.CaptureFixtu
     assert rc == 2 and "--compare needs --adapter_dir" in capsys.readouterr().err
 
 
-def test_non_loopback_host_warns(tiny_model_dir: Path, capsys: pytest.CaptureFixture, profiles_path: Path,
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_non_loopback_host_needs_a_key_or_insecure(tiny_model_dir: Path, capsys: pytest.CaptureFixture,
+                                                   profiles_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
 
     def fake_load(*args: Any, **kwargs: Any) -> Any:
@@ -436,11 +487,23 @@ def test_non_loopback_host_warns(tiny_model_dir: Path, capsys: pytest.CaptureFix
         raise utils.UserError("stop before loading")
 
     monkeypatch.setattr(loading, "load_model_for_inference", fake_load)
-    rc = utils.run_main(web_demo.main, ["--model_path", str(tiny_model_dir), "--desc_path", str(profiles_path),
-                                        "--host", "0.0.0.0", "--device", "0"])
+    monkeypatch.delenv(web_demo.api.API_KEY_ENV, raising=False)
+    argv = ["--model_path", str(tiny_model_dir), "--desc_path", str(profiles_path), "--host", "0.0.0.0",
+            "--device", "0", "--port", str(free_port())]
+    rc = utils.run_main(web_demo.main, argv)  # no key: refused before loading, one line
     err = capsys.readouterr().err
-    assert rc == 2 and "warning: --host 0.0.0.0 is not a loopback address" in err
+    assert rc == 2 and not seen and err.count("\n") == 1
+    assert "error: --host 0.0.0.0 is not a loopback address and no API key is set" in err and "--insecure" in err
+    rc = utils.run_main(web_demo.main, [*argv, "--insecure"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "warning: --host 0.0.0.0 is not a loopback address" in err and "stop before loading" in err
     assert seen["device"] == "cuda:0"
+    for extra, env in ((["--api_key", "k"], None), ([], "k")):  # a key (flag or environment) is enough
+        seen.clear()
+        if env:
+            monkeypatch.setenv(web_demo.api.API_KEY_ENV, env)
+        assert utils.run_main(web_demo.main, [*argv, *extra]) == 2 and seen
+        assert "warning" not in capsys.readouterr().err
     utils.run_main(web_demo.main, ["--model_path", str(tiny_model_dir), "--desc_path", str(profiles_path)])
     assert "warning" not in capsys.readouterr().err
 

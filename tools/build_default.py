@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import json
 import math
+import signal
 import sys
 import tempfile
 import time
@@ -256,8 +257,20 @@ def up_to_date(out: Path, stamp: str) -> bool:
     return False
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (`kill`, a CI timeout, systemd) into SystemExit, as Ctrl-C is KeyboardInterrupt:
+    both unwind through utils.atomic_path, which deletes the half-built `.NAME.tmp-*` folder. By
+    default SIGTERM ends the process on the spot and leaves that folder behind."""
+    def stop(signum: int, _frame: object) -> None:
+        print(f"stopped by signal {signum}; the half-built model is removed", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_on_sigterm()
     out = Path(args.out)
     base_dir, templates = Path(args.base_dir), Path(args.templates)
     for f in (base_dir / "general_corpus.jsonl", base_dir / "attributes.json", templates):

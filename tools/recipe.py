@@ -20,14 +20,24 @@ REPO = Path(__file__).resolve().parent.parent
 TRAIN_SH = REPO / "train.sh"
 
 
-def train_command(env: Mapping[str, str] | None = None) -> list[str]:
-    """The train stage's full command (launcher included) for `env` on top of this process's env."""
-    full_env = {**os.environ, **(env or {})}
+def train_commands(env: Mapping[str, str] | None = None) -> list[list[str]]:
+    """Every train.py run of the train stage for `env` on top of this process's env (launcher included):
+    one, or with ROLES=a,b one per role."""
+    # a UTF-8 locale: bash's %q quotes non-ASCII text (role names) as $'...' in the C locale, which shlex cannot read
+    full_env = {**os.environ, "LC_ALL": "C.UTF-8", **(env or {})}
     proc = subprocess.run(["bash", str(TRAIN_SH), "--print"], cwd=REPO, env=full_env, capture_output=True,
                           text=True, timeout=60, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"bash train.sh --print failed ({proc.returncode}): {proc.stderr.strip()}")
-    return shlex.split(proc.stdout.strip())
+    return [shlex.split(line) for line in proc.stdout.splitlines() if line.strip()]
+
+
+def train_command(env: Mapping[str, str] | None = None) -> list[str]:
+    """The train stage's full command (launcher included) for `env` on top of this process's env."""
+    commands = train_commands(env)
+    if len(commands) != 1:
+        raise RuntimeError(f"bash train.sh --print gave {len(commands)} commands (ROLES set?); use train_commands")
+    return commands[0]
 
 
 def train_args(env: Mapping[str, str] | None = None) -> list[str]:
