@@ -217,18 +217,13 @@ def _fit_rounds(fixed: int, round_lengths: Sequence[int], budget: int, messages:
     newest = round_lengths[-1] if round_lengths else 0
     if fixed + newest > budget:
         text = messages[-1]["content"] if messages else ""
-        raise PromptTooLong(newest, budget - fixed - (newest - _content_tokens(newest, text)), len(text))
+        raise PromptTooLong(newest - 1, budget - fixed - 1, len(text))  # the round's ids less its marker
     used, kept = fixed, 0
     for n in reversed(round_lengths):
         if used + n > budget:
             break
         used, kept = used + n, kept + 1
     return kept
-
-
-def _content_tokens(round_tokens: int, text: str) -> int:
-    """The newest round's tokens minus its marker (one id): what the message text itself costs."""
-    return max(0, round_tokens - 1) if text else 0
 
 
 def _template_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]], max_input_tokens: int) -> list[int]:

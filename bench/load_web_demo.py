@@ -84,7 +84,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class RssSampler(threading.Thread):
-    """Polls the resident set size of a process and its children; keeps the peak."""
+    """Polls the resident set size of a process and its children: the peak (bytes), and every sample as
+    (seconds since start, MiB) in `samples` (bench/soak_web_demo.py reads the series)."""
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
         super().__init__(daemon=True)
@@ -92,6 +93,7 @@ class RssSampler(threading.Thread):
 
         self.proc = psutil.Process(pid)
         self.interval, self.peak, self.stop_event = interval, 0, threading.Event()
+        self.t0, self.samples = time.monotonic(), []
 
     def sample(self) -> None:
         import psutil
@@ -104,9 +106,11 @@ class RssSampler(threading.Thread):
                     total += p.memory_info().rss
                 except psutil.Error:
                     pass
-            self.peak = max(self.peak, total)
         except psutil.Error:
-            pass
+            return
+        if total:
+            self.peak = max(self.peak, total)
+            self.samples.append((time.monotonic() - self.t0, total / 2**20))
 
     def run(self) -> None:
         while not self.stop_event.is_set():

@@ -24,7 +24,6 @@ import os
 import random
 import statistics
 import sys
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -61,37 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the request mix")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     return p.parse_args(argv)
-
-
-class RssSeries(threading.Thread):
-    """Samples the RSS (MiB) of a process and its children every `interval` s: [(seconds, MiB)]."""
-
-    def __init__(self, pid: int, interval: float) -> None:
-        super().__init__(daemon=True)
-        import psutil
-
-        self.proc, self.interval, self.samples = psutil.Process(pid), interval, []
-        self.t0, self.stop_event = time.monotonic(), threading.Event()
-
-    def sample(self) -> None:
-        import psutil
-
-        total = 0
-        try:
-            for p in [self.proc, *self.proc.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-        except psutil.Error:
-            return
-        if total:
-            self.samples.append((time.monotonic() - self.t0, total / 2**20))
-
-    def run(self) -> None:
-        while not self.stop_event.is_set():
-            self.sample()
-            self.stop_event.wait(self.interval)
 
 
 def one_request(state: dict, kind: str, role: str, rng: random.Random, args: argparse.Namespace) -> str:
@@ -184,7 +152,7 @@ def run(args: argparse.Namespace) -> dict:
                                             "--server_concurrency", str(args.server_concurrency),
                                             "--startup_timeout", str(args.startup_timeout)])
     proc, url = start_server(server_args, log_path)
-    series = RssSeries(proc.pid, args.sample_every)
+    series = load_web_demo.RssSampler(proc.pid, args.sample_every)
     series.start()
     try:
         t0 = time.monotonic()
