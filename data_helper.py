@@ -60,9 +60,9 @@ from roleplay.attributes import (
 )
 from utils import TEMPLATES_PATH, DataError
 
-DIALOGUES_PER_ROLE = 40  # multi-turn role conversations per role (about a third of a role's records)
-ATTRIBUTE_DIALOGUES = 300  # multi-turn attribute conversations
-EVAL_DIALOGUES = 16  # multi-turn test conversations per depth
+DIALOGUES_PER_ROLE = 80  # multi-turn role conversations per role (on the default data: every record in one or two)
+ATTRIBUTE_DIALOGUES = 600  # multi-turn attribute conversations
+EVAL_DIALOGUES = 32  # multi-turn test conversations per depth
 
 SPLITS = ("train", "test")
 KINDS = ("general", "role_specific")
@@ -454,8 +454,8 @@ def build(opts: Options) -> tuple[list[dict], list[dict], Report]:
         # only attribute conversations need the follow-up phrasings
         needed = any(r["source"] == "attribute" for r in (*train, *test))
         templates = dialogue.load_dialogue_templates(opts.dialogue_templates) if needed else {}
-        train += dialogue.compose_training_conversations(train, templates, opts.seed, opts.dialogues_per_role,
-                                                         opts.attribute_dialogues)
+        train = dialogue.compose_training_conversations(train, templates, opts.seed, opts.dialogues_per_role,
+                                                        opts.attribute_dialogues)
         test += dialogue.compose_eval_conversations(test, templates, opts.seed, opts.eval_dialogues,
                                                     max(1, opts.eval_dialogues // 8))
     random.Random(opts.seed).shuffle(train)  # records come grouped by file and role; training wants them mixed
@@ -693,7 +693,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                    help="follow-up questions for multi-turn attribute conversations; default %(default)s")
     p.add_argument("--dialogues_per_role", type=_non_negative_int, default=DIALOGUES_PER_ROLE,
                    help="multi-turn training conversations (2-5 rounds) composed per RoleBench role from its "
-                        "records, in the `messages` form (0: none); default %(default)s")
+                        "records, in the `messages` form; a record used in one is not also kept alone (0: "
+                        "none); default %(default)s")
     p.add_argument("--attribute_dialogues", type=_non_negative_int, default=ATTRIBUTE_DIALOGUES,
                    help="multi-turn attribute conversations for training, with follow-ups that name the "
                         "character only by context (0: none); default %(default)s")

@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--top_p", type=float, default=None, help="nucleus sampling threshold")
     g.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens")
     g.add_argument("--repetition_penalty", type=float, default=None, help="penalty for repeated tokens (1 = none)")
+    g.add_argument("--frequency_penalty", type=float, default=None,
+                   help="logit minus this x the times a token is already in the reply (0 = none; the prompt "
+                        "does not count; generation_config.json's reply_frequency_penalty)")
     g.add_argument("--do_sample", action=argparse.BooleanOptionalAction, default=None,
                    help="sample instead of greedy decoding (default: off in batch mode, the model's "
                         "setting interactively)")
@@ -447,7 +450,8 @@ def generation_overrides(args: argparse.Namespace, batch: bool) -> dict[str, Any
     if do_sample is None and batch:
         do_sample = False
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "top_k": args.top_k, "repetition_penalty": args.repetition_penalty, "do_sample": do_sample}
+            "top_k": args.top_k, "repetition_penalty": args.repetition_penalty, "do_sample": do_sample,
+            generation.REPLY_FREQUENCY_PENALTY: args.frequency_penalty}
 
 
 def batch_plan(lengths: Sequence[int], adapter_of: Sequence[str | None],

@@ -28,6 +28,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modules_to_save", default="",
                    help="comma-separated modules trained in full and saved with the adapter, e.g. lm_head "
                         "(needed when the answers use tokens the base never produced: a frozen head cannot learn them)")
+    p.add_argument("--modules_to_save_lr", type=float, default=None,
+                   help="peak learning rate of the --modules_to_save weights (default: --learning_rate); "
+                        "lower keeps more of the base's own embeddings and head")
     p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--ds_file", default="ds_zero2_no_offload.json",
                    help="DeepSpeed config ('auto' fields are filled from these flags)")
@@ -168,9 +172,25 @@ def wrap_lora(model: Any, args: argparse.Namespace, resized: bool) -> tuple[Any,
     to_save = [m.strip() for m in args.modules_to_save.split(",") if m.strip()] or None
     config = LoraConfig(r=args.lora_dim, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=targets, modules_to_save=to_save, bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` alias inside get_peft_model
+        # (a FutureWarning on every run that no flag of ours can avoid); only that message is hidden
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        model = get_peft_model(model, config)
     return model, {"trainable": count_params(model, True), "total": count_params(model, False),
                    "targets": targets, "resized": resized}
+
+
+def optimizer_groups(model: Any, modules_to_save_lr: float | None) -> list[Any]:
+    """The trainable parameters for the optimizer: one group at the DeepSpeed config's lr, or, with
+    `modules_to_save_lr`, the modules trained in full (PEFT's `modules_to_save` copies) in a second group
+    at that lr. DeepSpeed's WarmupCosineLR scales every group's own lr, so the ratio holds all run."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    saved = [p for n, p in trainable if ".modules_to_save." in n]
+    if modules_to_save_lr is None or not saved:
+        return [p for _, p in trainable]
+    return [{"params": [p for n, p in trainable if ".modules_to_save." not in n]},
+            {"params": saved, "lr": modules_to_save_lr}]
 
 
 def lora_targets(model: Any, spec: str) -> list[str]:
@@ -498,8 +518,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"truncated: {train_ds.truncated}); eval samples: {len(eval_ds) if eval_ds else 0}")
 
     # --- batches and the DeepSpeed config (before the model: a config mistake costs no model load)
+    # Grouping by length only saves padding, which packing removes anyway; packed, the batches are drawn at
+    # random (megabatch 1), so each step mixes the record kinds instead of alternating all-fact and all-role steps.
     sampler = LengthGroupedBatchSampler(train_ds.lengths, args.per_device_train_batch_size, world_size,
-                                        rank, args.gradient_accumulation_steps, args.seed)
+                                        rank, args.gradient_accumulation_steps, args.seed,
+                                        megabatch=1 if args.packing else 64)
     micro_per_epoch = len(sampler.micro_batches(0))
     steps_per_epoch = micro_per_epoch // args.gradient_accumulation_steps
     total_steps = steps_per_epoch * args.num_train_epochs
@@ -519,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     train_collator = PackingCollator() if args.packing else collator  # eval stays padded: its batches are fixed
 
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
+        model=model, model_parameters=optimizer_groups(model, args.modules_to_save_lr), config=ds_config)
     run_config = build_run_config(args, report, ds_config, world_size, bf16, total_steps, train_ds)
 
     # --- state (fresh or resumed)

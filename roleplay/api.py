@@ -49,8 +49,9 @@ MAX_STOP = 4  # OpenAI's limit on stop sequences
 TEMPERATURE_RANGE = (0.0, 2.0)  # OpenAI's range; 0 = greedy
 # Request fields we cannot honour: refused (400) unless given their neutral value, never silently ignored.
 UNSUPPORTED = {"n": 1, "logprobs": False, "top_logprobs": None, "tools": None, "tool_choice": None,
-               "functions": None, "function_call": None, "logit_bias": None, "frequency_penalty": 0,
+               "functions": None, "function_call": None, "logit_bias": None,
                "presence_penalty": 0, "audio": None, "modalities": None, "prediction": None}
+FREQUENCY_PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's range; omitted = the model's reply_frequency_penalty
 CLIENT_SYSTEM_ROLES = ("system", "developer")  # "developer" is OpenAI's newer name for system
 
 
@@ -93,6 +94,7 @@ class ChatRequest:
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
+    frequency_penalty: float | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
     stream: bool = False
@@ -128,6 +130,7 @@ def parse_chat_request(raw: bytes, roles: Sequence[str], max_input_chars: int, m
     top_p = _number(body, "top_p", 0.0, 1.0)
     if top_p is not None and top_p == 0:
         raise bad("top_p must be greater than 0 (use temperature 0 for greedy decoding)", "top_p")
+    frequency_penalty = _number(body, "frequency_penalty", *FREQUENCY_PENALTY_RANGE)
     seed = body.get("seed")
     if seed is not None and not (_is_int(seed) and 0 <= seed < 2**63):
         raise bad(f"seed must be an integer in [0, 2**63), got {seed!r}", "seed", "invalid_type")
@@ -137,7 +140,8 @@ def parse_chat_request(raw: bytes, roles: Sequence[str], max_input_chars: int, m
         raise bad("stream_options must be an object", "stream_options", "invalid_type")
     include_usage = bool((options or {}).get("include_usage", False))
     return ChatRequest(model=model, messages=messages, system=system, max_tokens=max_tokens, temperature=temperature,
-                       top_p=top_p, stop=_parse_stop(body.get("stop")), seed=seed, stream=stream,
+                       top_p=top_p, frequency_penalty=frequency_penalty, stop=_parse_stop(body.get("stop")),
+                       seed=seed, stream=stream,
                        include_usage=include_usage)
 
 
@@ -261,7 +265,8 @@ def reply_settings(model: Any, request: ChatRequest) -> ReplySettings:
     model_config = getattr(model, "generation_config", None)
     sampling = bool(getattr(model_config, "do_sample", False)) if request.temperature is None \
         else request.temperature > 0
-    overrides = {"max_new_tokens": request.max_tokens}
+    overrides = {"max_new_tokens": request.max_tokens,
+                 generation.REPLY_FREQUENCY_PENALTY: request.frequency_penalty}  # None: the model's own
     greedy = generation.generation_config_for(model, do_sample=False, **overrides)
     generation.max_input_tokens(model, greedy)  # raises when max_tokens leaves no room for the prompt
     if not sampling:
@@ -384,7 +389,7 @@ def generate_reply(model: Any, tokenizer: Any, messages: Sequence[Message], sett
             stop = done.is_set() or (cancel is not None and cancel.is_set())
             return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
-    processors = LogitsProcessorList()
+    processors = LogitsProcessorList(generation.reply_processors(config, len(prompt)))
     if settings.sample is not None:
         processors.append(_seeded_sampler(settings.sample, settings.seed or 0))
     input_ids = torch.tensor([prompt], dtype=torch.long, device=model_device(model))

@@ -2,9 +2,10 @@
 from test records, generated round by round, and scored.
 
 - `compose_training_conversations`: data_helper.py turns a role's RoleBench records into 2-5 round
-  conversations under the role's system prompt, and attribute records into conversations about one to
-  three characters in which a follow-up names the character only by context ("那她是哪国人？", from
-  data/dialogue_templates.json). Records come out in the common `messages` form.
+  conversations under the role's system prompt (each record in one conversation or alone), and
+  attribute records into conversations about one to three characters in which a follow-up names the
+  character only by context ("那她是哪国人？", from data/dialogue_templates.json). Records come out in
+  the common `messages` form.
 - `compose_eval_conversations`: the multi-turn test set: a fact asked at round k (1-5) after k-1 other
   fact rounds (sometimes as a follow-up), the same fact asked twice in one conversation (consistency),
   and role conversations of 1-5 rounds (out-of-character rate by depth). Only test phrasings are used.
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from roleplay.attributes import template_key
@@ -93,20 +94,36 @@ def character_facts(records: Sequence[dict]) -> dict[str, dict[str, str]]:
 # ---------------------------------------------------------------------------------------------
 def compose_training_conversations(records: Sequence[dict], templates: dict[str, Any], seed: int,
                                    per_role: int, attribute_conversations: int) -> list[dict]:
-    """`per_role` role conversations per RoleBench role and `attribute_conversations` attribute
-    conversations, each of ROUNDS rounds, from the training records (which stay as they are)."""
+    """The training records with up to `per_role` role conversations per RoleBench role and
+    `attribute_conversations` attribute conversations added, each of ROUNDS rounds.
+
+    A role conversation is made of that role's single-turn records, drawn in seeded passes over
+    them (`_passes`), and a record used in a conversation leaves the single-turn set: the role's
+    long system prompt (~60% of a single-turn role record's tokens) is computed once per
+    conversation instead of once per reply, so the same compute trains more replies. With enough
+    conversations every record is in one (or two), and none is left alone. Attribute conversations are added next to the
+    single-turn attribute records (they have no system prompt to share)."""
     rng = random.Random(seed)
     out = []
     by_role: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         if str(r.get("source", "")).startswith("rolebench"):
             by_role[r["role"]].append(r)
+    consumed: set[int] = set()
     for role in sorted(by_role):
         pool = by_role[role]
+        draws = _passes(pool, rng)
         for _ in range(per_role if len(pool) >= ROUNDS[0] else 0):
-            picked = rng.sample(pool, min(len(pool), rng.randint(*ROUNDS)))
+            n, picked = min(len(pool), rng.randint(*ROUNDS)), []
+            for r in draws:
+                if all(r is not p for p in picked):  # at a pass boundary a record could come twice
+                    picked.append(r)
+                if len(picked) == n:
+                    break
+            consumed.update(id(r) for r in picked)
             out.append(_messages_record(picked[0]["instruction"], [(r["input"], r["output"]) for r in picked],
                                         role, ROLE_SOURCE))
+    out = [r for r in records if id(r) not in consumed] + out
     attribute_records = [r for r in records if r.get("source") == "attribute"]
     if attribute_records:
         facts = character_facts(attribute_records)
@@ -118,6 +135,15 @@ def compose_training_conversations(records: Sequence[dict], templates: dict[str,
             out.append(_messages_record("", [(q, r["output"]) for q, r in rounds],
                                         rounds[-1][1]["role"], ATTRIBUTE_SOURCE))
     return out
+
+
+def _passes(records: Sequence[dict], rng: random.Random) -> Iterator[dict]:
+    """The records in one seeded shuffle after another, without end: a record joins a second
+    conversation only once every record of the role has joined one."""
+    while True:
+        order = list(records)
+        rng.shuffle(order)
+        yield from order
 
 
 def _messages_record(system: str, pairs: Sequence[tuple[str, str]], role: str, source: str) -> dict:

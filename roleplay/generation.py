@@ -21,16 +21,20 @@ from utils import UserError, build_prompt_ids, chat_messages
 
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff")
 DEFAULT_MAX_NEW_TOKENS = 512  # when the model's generation config names none
+# generation_config.json key our decoding reads (reply_frequency_penalty): logit - penalty x (times the
+# token is already in the reply); transformers' generate() ignores it
+REPLY_FREQUENCY_PENALTY = "reply_frequency_penalty"
 
 
 def generation_config_for(model: Any, **overrides: Any) -> Any:
     """A copy of the model's generation config with the non-None `overrides` applied.
 
-    Accepted overrides: max_new_tokens, temperature, top_p, top_k, repetition_penalty, do_sample
-    (and any other GenerationConfig field). With do_sample False the sampling parameters are
-    reset to their neutral values, so greedy decoding carries no ignored settings. max_new_tokens
-    falls back to DEFAULT_MAX_NEW_TOKENS (capped at half the context) when the model's config has
-    none. A value generation cannot take (e.g. temperature 0 with sampling) raises UserError.
+    Accepted overrides: max_new_tokens, temperature, top_p, top_k, repetition_penalty, do_sample,
+    reply_frequency_penalty (ours, see `reply_frequency_penalty`) and any other GenerationConfig field.
+    With do_sample False the sampling parameters are reset to their neutral values, so greedy
+    decoding carries no ignored settings. max_new_tokens falls back to DEFAULT_MAX_NEW_TOKENS
+    (capped at half the context) when the model's config has none. A value generation cannot take
+    (e.g. temperature 0 with sampling) raises UserError.
     """
     import copy
 
@@ -39,7 +43,8 @@ def generation_config_for(model: Any, **overrides: Any) -> Any:
     base = getattr(model, "generation_config", None)
     config = copy.deepcopy(base) if base is not None else GenerationConfig()
     updates = {k: v for k, v in overrides.items() if v is not None}
-    unknown = [k for k in updates if not hasattr(GenerationConfig(), k) and not hasattr(config, k)]
+    unknown = [k for k in updates if not hasattr(GenerationConfig(), k) and not hasattr(config, k)
+               and k != REPLY_FREQUENCY_PENALTY]
     if unknown:
         raise UserError(f"unknown generation setting(s) {unknown}")
     for key, value in updates.items():  # setattr, not update(): no validation before greedy is cleaned up
@@ -68,6 +73,9 @@ def _check_generation_values(config: Any, updates: dict[str, Any]) -> None:
         problems.append(f"max_new_tokens must be a positive integer, got {config.max_new_tokens!r}")
     if config.repetition_penalty is not None and not config.repetition_penalty > 0:
         problems.append(f"repetition_penalty must be > 0, got {config.repetition_penalty}")
+    penalty = getattr(config, REPLY_FREQUENCY_PENALTY, None)
+    if penalty is not None and not (isinstance(penalty, (int, float)) and -2 <= penalty <= 2):
+        problems.append(f"{REPLY_FREQUENCY_PENALTY} must be a number in [-2, 2] (OpenAI's range), got {penalty!r}")
     if config.do_sample:
         if config.temperature is not None and not config.temperature > 0:
             problems.append(f"temperature must be > 0 when sampling, got {config.temperature} (use do_sample=False "
@@ -143,6 +151,36 @@ def reply_ids(ids: Sequence[int], eos_ids: set[int]) -> list[int]:
     return out
 
 
+def reply_processors(generation_config: Any, prompt_width: int) -> list[Any]:
+    """Our own logits processors that the generation config asks for, given the prompt width (every
+    row's prompt, left padding included, ends there): `reply_frequency_penalty` (REPLY_FREQUENCY_PENALTY)."""
+    penalty = float(getattr(generation_config, REPLY_FREQUENCY_PENALTY, 0.0) or 0.0)
+    return [reply_frequency_penalty(penalty, prompt_width)] if penalty else []
+
+
+def reply_frequency_penalty(penalty: float, prompt_width: int) -> Any:
+    """A logits processor that lowers each token's logit by `penalty` times the number of times the
+    token is already in the reply (the ids after `prompt_width`), as OpenAI's `frequency_penalty` does.
+
+    transformers' `repetition_penalty` counts the prompt too, so raising it to stop the loops a small
+    model falls into under greedy decoding ("末将以为，末将以为，……") would also push a fact answer
+    away from the question's own words ("胡桃的性别是女" for "胡桃的性别是男还是女？"). This one only
+    sees the reply, and grows with every repeat.
+    """
+    import torch
+    from transformers.generation import LogitsProcessor
+
+    class ReplyFrequencyPenalty(LogitsProcessor):
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            reply = input_ids[:, prompt_width:]
+            if not reply.shape[1]:
+                return scores
+            counts = torch.zeros_like(scores).scatter_add_(1, reply, torch.ones_like(reply, dtype=scores.dtype))
+            return scores - penalty * counts
+
+    return ReplyFrequencyPenalty()
+
+
 def _generate(model: Any, input_ids: Any, attention_mask: Any, pad_lengths: Sequence[int], generation_config: Any,
               streamer: Any = None, stop_event: Any = None) -> Any:
     """`model.generate` where the repetition penalty ignores each row's left padding.
@@ -175,6 +213,7 @@ def _generate(model: Any, input_ids: Any, attention_mask: Any, pad_lengths: Sequ
         generation_config.repetition_penalty = 1.0
         ignore = torch.tensor(list(pad_lengths), dtype=torch.long, device=input_ids.device)
         processors.append(RepetitionPenaltyLogitsProcessor(float(penalty), prompt_ignore_length=ignore))
+    processors.extend(reply_processors(generation_config, input_ids.shape[1]))
     with torch.no_grad():
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
                               logits_processor=processors, stopping_criteria=stopping, streamer=streamer)

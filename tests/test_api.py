@@ -72,10 +72,10 @@ def client(server: web_demo.Server) -> openai.OpenAI:
 
 
 def reference(model: Any, tokenizer: Any, profiles: dict[str, str], role: str, user: str, max_tokens: int,
-              system_extra: str = "") -> str:
+              system_extra: str = "", **overrides: Any) -> str:
     """The project's own greedy reply (generation.chat_once) with the role's system prompt."""
     system = utils.role_system_prompt(role, profiles) + (f"\n{system_extra}" if system_extra else "")
-    config = generation.generation_config_for(model, do_sample=False, max_new_tokens=max_tokens)
+    config = generation.generation_config_for(model, do_sample=False, max_new_tokens=max_tokens, **overrides)
     return generation.chat_once(model, tokenizer, [{"role": "system", "content": system},
                                                    {"role": "user", "content": user}], config)
 
@@ -172,6 +172,21 @@ def test_sampling_settings_and_seed(client: openai.OpenAI) -> None:
     assert ask(client, "刻晴", temperature=1.5, top_p=1e-6, seed=3, max_tokens=12)["text"] == greedy  # top_p reaches
 
 
+def test_frequency_penalty_is_our_reply_only_penalty(client: openai.OpenAI, loaded: tuple[Any, Any],
+                                                     profiles: dict[str, str]) -> None:
+    model, tokenizer = loaded
+    replies = {}
+    for penalty in (0.0, 2.0):
+        replies[penalty] = ask(client, "孙悟空", temperature=0, max_tokens=24, frequency_penalty=penalty)["text"]
+        streamed = ask(client, "孙悟空", stream=True, temperature=0, max_tokens=24, frequency_penalty=penalty)
+        assert streamed["text"] == replies[penalty]
+        assert replies[penalty] == reference(model, tokenizer, profiles, "孙悟空", QUESTION, 24,
+                                             reply_frequency_penalty=penalty)
+    unpenalised = tokenizer.encode(replies[0.0], add_special_tokens=False)
+    assert len(set(unpenalised)) < len(unpenalised)  # the random test model repeats itself when not penalised
+    assert replies[2.0] != replies[0.0]
+
+
 def test_stop_strings_end_the_reply(client: openai.OpenAI) -> None:
     full = ask(client, "孙悟空", temperature=0, max_tokens=24)["text"]
     assert len(full) >= 6, full
@@ -233,6 +248,9 @@ BAD_REQUESTS = [  # (id, body or raw bytes, status, param)
     ("temperature_wrong_type", {**GOOD, "temperature": "hot"}, 400, "temperature"),
     ("top_p_zero", {**GOOD, "top_p": 0}, 400, "top_p"),
     ("top_p_too_high", {**GOOD, "top_p": 1.5}, 400, "top_p"),
+    ("frequency_penalty_too_high", {**GOOD, "frequency_penalty": 2.5}, 400, "frequency_penalty"),
+    ("frequency_penalty_wrong_type", {**GOOD, "frequency_penalty": "some"}, 400, "frequency_penalty"),
+    ("presence_penalty", {**GOOD, "presence_penalty": 0.5}, 400, "presence_penalty"),
     ("stop_wrong_type", {**GOOD, "stop": 5}, 400, "stop"),
     ("stop_too_many", {**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("seed_wrong_type", {**GOOD, "seed": "x"}, 400, "seed"),

@@ -69,3 +69,36 @@ def test_the_tokenizer_never_learns_from_test_text():
     test_only = [r["question"] for f in (REPO / "data").glob("*_test.jsonl") for _, r in utils.read_jsonl(f)
                  if r["question"] not in train_questions]
     assert test_only and not any(q in joined for q in test_only)
+
+
+def test_persona_records_become_conversations_each_record_once():
+    plain = [{"instruction": "", "input": f"问{i}", "output": f"答{i}"} for i in range(3)]
+    persona = [{"instruction": f"你是{who}。", "input": f"{who}问{i}", "output": f"{who}答{i}"}
+               for who in ("渔夫", "画家") for i in range(7)]
+    records = build_default.persona_conversations(plain + persona, seed=5)
+    assert records == build_default.persona_conversations(plain + persona, seed=5)
+    assert [r for r in records if "messages" not in r] == plain
+    low, high = build_default.PERSONA_ROUNDS
+    seen, short = [], []
+    for r in (r for r in records if "messages" in r):
+        system, *turns = r["messages"]
+        utils.check_conversation(r["messages"])
+        assert 1 <= len(turns) // 2 <= high
+        who = system["content"][2:-1]
+        if len(turns) // 2 < low:
+            short.append(who)  # only a persona's last conversation may be shorter (what was left)
+        for user, reply in zip(turns[::2], turns[1::2], strict=True):
+            assert user["content"].startswith(who) and reply["content"].startswith(who)
+            seen.append(reply["content"])
+    assert sorted(seen) == sorted(r["output"] for r in persona)  # every persona reply exactly once
+    assert len(short) == len(set(short))
+    texts = build_default.vocabulary_texts(records, {})
+    assert all(r["output"] in texts for r in persona)  # the tokenizer still sees the conversations' text
+
+
+def test_every_general_file_of_the_base_folder_is_read_and_fingerprinted(tmp_path):
+    for name in ("general_b.jsonl", "general_a.jsonl", "notes.jsonl"):
+        (tmp_path / name).write_text("", encoding="utf-8")
+    assert [p.name for p in build_default.general_files(tmp_path)] == ["general_a.jsonl", "general_b.jsonl"]
+    shipped = build_default.build_inputs(REPO / "data" / "base", REPO / utils.TEMPLATES_PATH)
+    assert {p.name for p in shipped} >= {p.name for p in (REPO / "data" / "base").glob("general_*.jsonl")}

@@ -55,11 +55,24 @@ def test_shipped_follow_ups_are_disjoint_from_every_training_phrasing() -> None:
 
 
 def test_training_conversations_are_seeded_well_formed_and_use_the_records_answers() -> None:
-    convos = dialogue.compose_training_conversations(RECORDS + ROLE_RECORDS, TEMPLATES, 7, 5, 30)
-    assert convos == dialogue.compose_training_conversations(RECORDS + ROLE_RECORDS, TEMPLATES, 7, 5, 30)
-    assert convos != dialogue.compose_training_conversations(RECORDS + ROLE_RECORDS, TEMPLATES, 8, 5, 30)
-    assert sum(c["source"] == dialogue.ROLE_SOURCE for c in convos) == 5
+    records = dialogue.compose_training_conversations(RECORDS + ROLE_RECORDS, TEMPLATES, 7, 5, 30)
+    assert records == dialogue.compose_training_conversations(RECORDS + ROLE_RECORDS, TEMPLATES, 7, 5, 30)
+    assert records != dialogue.compose_training_conversations(RECORDS + ROLE_RECORDS, TEMPLATES, 8, 5, 30)
+    convos = [r for r in records if "messages" in r]
+    assert 1 <= sum(c["source"] == dialogue.ROLE_SOURCE for c in convos) <= 5
     assert sum(c["source"] == dialogue.ATTRIBUTE_SOURCE for c in convos) == 30
+    # every role reply is trained: alone, or inside conversations (then never alone)
+    alone = {r["output"] for r in records if r.get("source") == "rolebench_general"}
+    in_conversations = [m["content"] for c in convos if c["source"] == dialogue.ROLE_SOURCE
+                        for m in c["messages"] if m["role"] == "assistant"]
+    assert alone | set(in_conversations) == {r["output"] for r in ROLE_RECORDS}
+    assert not alone & set(in_conversations)
+    for c in (c for c in convos if c["source"] == dialogue.ROLE_SOURCE):  # no role reply twice in one
+        replies = [m["content"] for m in c["messages"] if m["role"] == "assistant"]
+        assert len(set(replies)) == len(replies)
+    few = dialogue.compose_training_conversations(ROLE_RECORDS, TEMPLATES, 7, 1, 0)  # one conversation: the rest alone
+    assert sum("messages" in r for r in few) == 1 and len(few) == len(ROLE_RECORDS) - few[-1]["rounds"] + 1
+    assert [r for r in records if "messages" not in r and r.get("source") == "attribute"] == RECORDS
     answers = {r["output"] for r in RECORDS + ROLE_RECORDS}
     follow_ups = 0
     for c in convos:

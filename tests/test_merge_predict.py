@@ -253,15 +253,29 @@ def test_record_prompt_equals_training_prompt(models: dict[str, Path]) -> None:
         assert generation.chat_prompt_ids(model, tok, generation.record_messages(record), gc) == prompt
 
 
-def test_generate_batch_equals_per_row(models: dict[str, Path]) -> None:
+@pytest.mark.parametrize("penalties", [{"repetition_penalty": 1.5}, {"reply_frequency_penalty": 1.5}])
+def test_generate_batch_equals_per_row(models: dict[str, Path], penalties: dict[str, float]) -> None:
     model, tok = loading.load_model_for_inference(str(models["ckpt"]), device="cpu")
-    # a strong repetition penalty: left padding must not change what it penalises
-    gc = generation.generation_config_for(model, do_sample=False, max_new_tokens=10, repetition_penalty=1.5)
+    # a strong penalty: left padding must not change what it penalises
+    gc = generation.generation_config_for(model, do_sample=False, max_new_tokens=10, **penalties)
     rows = [generation.chat_once(model, tok, m, gc) for m in MESSAGES]
     stats: dict = {}
     assert generation.generate_batch(model, tok, MESSAGES, gc, batch_size=3, stats=stats) == rows
     assert generation.generate_batch(model, tok, MESSAGES[::-1], gc, batch_size=2) == rows[::-1]
     assert 0 < stats["generated_tokens"] <= 3 * 10 and stats["seconds"] > 0
+
+
+def test_reply_frequency_penalty_counts_the_reply_only() -> None:
+    """logit - penalty x (times in the reply): the prompt's tokens (width 3 here) are not counted."""
+    ids = torch.tensor([[5, 5, 7, 7, 7, 9], [0, 5, 7, 9, 9, 9]])  # prompts [5 5 7], [0 5 7]; then the replies
+    out = generation.reply_frequency_penalty(0.5, 3)(ids, torch.ones(2, 10))
+    expected = torch.ones(2, 10)
+    expected[0, 7], expected[0, 9] = 0.0, 0.5
+    expected[1, 9] = -0.5
+    assert torch.equal(out, expected)
+    assert torch.equal(generation.reply_frequency_penalty(0.5, 6)(ids, torch.ones(2, 10)), torch.ones(2, 10))
+    with pytest.raises(utils.UserError, match="reply_frequency_penalty"):
+        generation.generation_config_for(torch.nn.Linear(1, 1), max_new_tokens=4, reply_frequency_penalty=3.0)
 
 
 def test_chat_stream_grows_to_chat_once_and_equals_model_chat(baichuan_models: dict[str, Path]) -> None:

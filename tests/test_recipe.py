@@ -48,6 +48,8 @@ def test_tiny_default_settings_and_overrides(tmp_path: Path) -> None:
     custom = train_args({"MODEL": missing, "EPOCHS": "7", "BATCH_SIZE": "4", "GRADIENT_CHECKPOINTING": "1"})
     assert arg_value(custom, "--num_train_epochs") == "7" and arg_value(custom, "--per_device_train_batch_size") == "4"
     assert "--gradient_checkpointing" in custom
+    assert "--modules_to_save_lr" not in train_args({"MODEL": missing, "MODULES_TO_SAVE_LR": ""})
+    assert arg_value(train_args({"MODEL": missing, "MODULES_TO_SAVE_LR": "3e-4"}), "--modules_to_save_lr") == "3e-4"
 
 
 def test_print_runs_nothing(tmp_path: Path) -> None:

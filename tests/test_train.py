@@ -26,6 +26,7 @@ from tests.helpers import (
     ds_config_file,
     kill_when,
     newest_checkpoint,
+    random_model,
     run_train,
     train_history,
     write_records,
@@ -315,3 +316,18 @@ def test_baichuan_qlora_run_saves_checkpoint(work, baichuan_model_dir, tmp_path)
     assert (ckpt / "tokenizer.model").is_file()
     assert len(train_history(ckpt)) == 3
     assert len(json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))["history"]["eval"]) == 1
+
+
+def test_modules_to_save_get_their_own_learning_rate() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(random_model(), LoraConfig(r=4, target_modules=["W_pack"], modules_to_save=["lm_head"]))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert train.optimizer_groups(model, None) == trainable  # one group at the config's lr
+    lora, saved = train.optimizer_groups(model, 3e-4)
+    assert "lr" not in lora and saved["lr"] == 3e-4
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert saved["params"] and all(".modules_to_save." in names[id(p)] and "lm_head" in names[id(p)]
+                                   for p in saved["params"])
+    assert all("lora_" in names[id(p)] for p in lora["params"])
+    assert len(lora["params"]) + len(saved["params"]) == len(trainable)

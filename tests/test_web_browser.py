@@ -311,7 +311,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--role", default=None, help="role to chat as (default: the second role in the file)")
     ap.add_argument("--device", default="auto", help="auto, cpu, or a GPU index (default: auto)")
     ap.add_argument("--out", default=str(README_SCREENSHOT), help="screenshot path (default: %(default)s)")
+    ap.add_argument("--message", action="append", default=None,
+                    help="a user message, in order; repeat for more rounds (default: the test's two messages)")
     args = ap.parse_args(argv)
+    messages = tuple(args.message or MESSAGES)
     if not Path(CHROMIUM).exists():
         print(f"error: {CHROMIUM} not found: apt-get install chromium fonts-wqy-zenhei", file=sys.stderr)
         return 2
@@ -324,10 +327,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         proc = start_server(args.model_path, args.desc_path, port, args.device, args.adapter_dir, log_path)
         try:
             wait_until_serving(url, proc, SERVER_START_TIMEOUT, log_path)
-            result = run_session(url, role, [Path(args.out)])
+            result = run_session(url, role, [Path(args.out)], messages)
         finally:
             stop_server(proc)
-    for text, reply in zip(MESSAGES, result["replies"], strict=True):
+    for text, reply in zip(messages, result["replies"], strict=True):
         print(f"[{role}] user: {text}\n[{role}] reply: {reply}\n")
     print(f"screenshot: {args.out}")
     return 0

@@ -25,10 +25,12 @@ import argparse
 import hashlib
 import json
 import math
+import random
 import signal
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ if str(REPO) not in sys.path:  # run as `python tools/build_default.py`: the sha
 import utils  # noqa: E402  (after the path setup)
 from roleplay.attributes import TEMPLATES_PER_FACT, TRAIN_TEMPLATE_SETS, expand_attributes  # noqa: E402
 from roleplay.devices import bf16_supported  # noqa: E402
+from roleplay.packing import PackingCollator, batch_loss  # noqa: E402
 from roleplay.sampler import LengthGroupedBatchSampler  # noqa: E402
 from utils import TEMPLATES_PATH, UserError  # noqa: E402
 
@@ -46,14 +49,19 @@ BASE_DIR = "data/base"
 # what build_info.json's "built_by" holds: a folder without it was not built here and is never replaced
 BUILT_BY = "python tools/build_default.py"
 LEGACY_BUILT_BY = ("python -m baichuan.build_default",)  # defaults built before the script moved to tools/
+# half the fine-tuning data's TEMPLATES_PER_FACT: the base only needs the answer pattern, and its general text
+# needs the time
+BASE_TEMPLATES_PER_FACT = TEMPLATES_PER_FACT // 2
+PERSONA_ROUNDS = (2, 3)  # rounds per persona conversation of the base data (inclusive)
 DELIM = "\u241e"  # pre-tokenization delimiter: never in the text, pieces never cross it
 # Baichuan2's chat markers are ids 195/196; reserve 3..196 so the tiny model uses the same ids.
 RESERVED = [f"<reserved_{i - 89}>" for i in range(3, 197)]
-# Baichuan2-7B-Chat's generation defaults (its generation_config.json); only max_new_tokens is sized for the
-# tiny model.
+# Baichuan2-7B-Chat's generation defaults (its generation_config.json), with max_new_tokens sized for the
+# tiny model, plus our reply-only frequency penalty (roleplay/generation.py): under greedy decoding the
+# tiny model otherwise loops on its role's catchphrase ("俺老孙……俺老孙……") in most role replies.
 GENERATION = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "user_token_id": 195,
               "assistant_token_id": 196, "max_new_tokens": 128, "temperature": 0.3, "top_k": 5,
-              "top_p": 0.85, "repetition_penalty": 1.05, "do_sample": True}
+              "top_p": 0.85, "repetition_penalty": 1.05, "do_sample": True, "reply_frequency_penalty": 1.5}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,10 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_hidden_layers", type=int, default=4, help="decoder layers")
     p.add_argument("--num_attention_heads", type=int, default=4, help="attention heads")
     p.add_argument("--merges", type=int, default=1500, help="BPE pieces beyond the single characters")
-    p.add_argument("--epochs", type=int, default=5, help="passes over the base data")
+    p.add_argument("--templates_per_fact", type=int, default=BASE_TEMPLATES_PER_FACT,
+                   help="train phrasings per (character, attribute) of the base's own attribute Q&A")
+    p.add_argument("--epochs", type=int, default=4, help="passes over the base data")
     p.add_argument("--batch_size", type=int, default=16, help="samples per step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warmup, cosine decay)")
-    p.add_argument("--max_len", type=int, default=320, help="max tokens per sample")
+    p.add_argument("--max_len", type=int, default=512, help="max tokens per sample")
     p.add_argument("--seed", type=int, default=1234, help="seed for tokenizer data order, init and batches")
     p.add_argument("--force", action="store_true", help="rebuild even when --out is up to date")
     return p.parse_args(argv)
@@ -78,12 +88,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
-def base_records(base_dir: Path, templates: dict, seed: int) -> list[dict]:
-    """General corpus + attribute Q&A about the base's own characters (train + heldout phrasings)."""
-    records = [r for _, r in utils.read_jsonl(base_dir / "general_corpus.jsonl")]
+def general_files(base_dir: Path) -> list[Path]:
+    """The general-text files of the base data: `general_*.jsonl` (everyday Q&A, chat, made-up
+    personas), in name order so the build is reproducible."""
+    return sorted(base_dir.glob("general_*.jsonl"))
+
+
+def base_records(base_dir: Path, templates: dict, seed: int, per_fact: int = BASE_TEMPLATES_PER_FACT) -> list[dict]:
+    """General corpus (persona records as conversations) + attribute Q&A about the base's own
+    characters (train + heldout phrasings)."""
+    records = persona_conversations([r for f in general_files(base_dir) for _, r in utils.read_jsonl(f)], seed)
     table = utils.read_json_object(base_dir / "attributes.json", "base attribute table", "restore it from git")
-    records += expand_attributes(table, templates, ["train", "heldout"], seed, per_fact=TEMPLATES_PER_FACT)
+    records += expand_attributes(table, templates, ["train", "heldout"], seed, per_fact=per_fact)
     return records
+
+
+def persona_conversations(records: list[dict], seed: int) -> list[dict]:
+    """The records that share a persona prompt (`instruction`) regrouped, seeded, into conversations of
+    PERSONA_ROUNDS rounds in the `messages` form; the rest unchanged. Each record is used once, and
+    its long persona prompt is computed once per conversation instead of once per record (a fifth
+    fewer base tokens per epoch), and the base meets multi-turn chats under a persona before
+    fine-tuning does."""
+    rng = random.Random(seed)
+    by_prompt: dict[str, list[dict]] = defaultdict(list)
+    out = []
+    for r in records:
+        if r.get("instruction"):
+            by_prompt[r["instruction"]].append(r)
+        else:
+            out.append(r)
+    for prompt in sorted(by_prompt):
+        pool = by_prompt[prompt]
+        rng.shuffle(pool)
+        while pool:
+            n = rng.randint(*PERSONA_ROUNDS)
+            rounds, pool = pool[:n], pool[n:]
+            messages = [{"role": "system", "content": prompt}]
+            for r in rounds:
+                messages += [{"role": "user", "content": r["input"]}, {"role": "assistant", "content": r["output"]}]
+            out.append({"messages": messages})
+    return out
 
 
 def fine_tuning_inputs() -> list[Path]:
@@ -100,6 +144,7 @@ def vocabulary_texts(records: list[dict], templates: dict) -> list[str]:
     coverage only: no weights are trained on role text here. Test files and test phrasings are
     left out, so nothing about the test set shapes the model, not even its pieces."""
     texts = [r[k] for r in records for k in ("instruction", "input", "output") if r.get(k)]
+    texts += [m["content"] for r in records for m in r.get("messages", []) if m["content"]]
     for f in fine_tuning_inputs():
         if f.suffix == ".jsonl":
             for _, r in utils.read_jsonl(f):
@@ -177,11 +222,12 @@ def make_model(args: argparse.Namespace, vocab_size: int) -> Any:
 
 
 def pretrain(model: Any, dataset: Any, args: argparse.Namespace) -> list[float]:
-    """Full-parameter training: AdamW, linear warmup then cosine decay, bf16 autocast where native."""
+    """Full-parameter training: AdamW, linear warmup then cosine decay, bf16 autocast where native; each
+    length-grouped batch packed into one row as train.py --packing does (the same loss, no padding)."""
     import torch
 
     sampler = LengthGroupedBatchSampler(dataset.lengths, args.batch_size, seed=args.seed)
-    collator = utils.DataCollator(pad_token_id=0)
+    collator = PackingCollator()  # train.py's packing: no padding, the head only where there are labels
     steps_per_epoch = len(sampler.micro_batches(0))
     total = steps_per_epoch * args.epochs
     warmup = max(1, int(0.06 * total))
@@ -199,7 +245,7 @@ def pretrain(model: Any, dataset: Any, args: argparse.Namespace) -> list[float]:
         for idx in sampler:
             batch = collator([dataset[i] for i in idx])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                loss = model(**batch).loss
+                loss = batch_loss(model, batch, len(utils.LOSS_GROUPS))[0]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -225,7 +271,7 @@ def save_model(model: Any, tokenizer_dir: Path, out: Path) -> None:
 
 def build_inputs(base_dir: Path, templates: Path) -> list[Path]:
     """Every file the build reads: a change in any of them makes a built default stale."""
-    return [base_dir / "general_corpus.jsonl", base_dir / "attributes.json", templates, *fine_tuning_inputs()]
+    return [*general_files(base_dir), base_dir / "attributes.json", templates, *fine_tuning_inputs()]
 
 
 def fingerprint(paths: list[Path], args: argparse.Namespace) -> str:
@@ -235,6 +281,7 @@ def fingerprint(paths: list[Path], args: argparse.Namespace) -> str:
         h.update(p.read_bytes())
     shaping = {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "force", "base_dir", "templates")}
     h.update(json.dumps(shaping, sort_keys=True).encode())
+    h.update(json.dumps(GENERATION, sort_keys=True).encode())  # a new decoding default also refreshes the folder
     return h.hexdigest()[:16]
 
 
@@ -286,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     templates_json = utils.read_json_object(templates, "attribute templates", "restore it from git")
-    records = base_records(base_dir, templates_json, args.seed)
+    records = base_records(base_dir, templates_json, args.seed, args.templates_per_fact)
     print(f"[1/3] base data: {len(records)} records from {base_dir} (+ attribute templates)", flush=True)
     with utils.atomic_path(out) as tmp_out:
         tmp_out.mkdir()
