@@ -54,7 +54,7 @@ def test_train_sh_chain_teaches_facts(tmp_path: Path) -> None:
     test_slice = tmp_path / "attr_test.json"
     n = attribute_slice(data / "test.json", test_slice, per_set=30)
     env = dict(os.environ, MODEL=str(tmp_path / "no-real-weights"), TINY_MODEL=str(tmp_path / "base"),
-               BUILD_ARGS="--epochs 4", OUTPUT_DIR=str(run_dir), TRAIN_PATH=str(data / "train.json"),
+               BUILD_ARGS="--epochs 2", OUTPUT_DIR=str(run_dir), TRAIN_PATH=str(data / "train.json"),
                TEST_PATH=str(test_slice), EPOCHS="2", PLOT_TO_IMAGES="0", MASTER_PORT=str(free_port()),
                PYTHONUNBUFFERED="1")
     proc = subprocess.run(["bash", "train.sh"], cwd=REPO, env=env, capture_output=True, text=True,
