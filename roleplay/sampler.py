@@ -1,5 +1,6 @@
 """`LengthGroupedBatchSampler`: the training batches of train.py (and of the embedded default's
-base training in tools/build_default.py): micro-batches of similar length, split over ranks.
+base training in tools/build_default.py): micro-batches of similar length, split over ranks; with
+`megabatch=1` (train.py --packing, where padding costs nothing) random micro-batches.
 
 Example:
     >>> from roleplay.sampler import LengthGroupedBatchSampler
