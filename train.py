@@ -128,6 +128,8 @@ def load_model(args: argparse.Namespace, device: Any, compute_dtype: Any, tokeni
     import torch
     from transformers import AutoModelForCausalLM
 
+    from roleplay.dropout import use_gap_dropout
+
     kwargs: dict[str, Any] = {"device_map": {"": device}}
     if args.train_mode == "qlora":
         kwargs["quantization_config"] = loading.nf4_config(compute_dtype)
@@ -141,7 +143,11 @@ def load_model(args: argparse.Namespace, device: Any, compute_dtype: Any, tokeni
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model, {"trainable": count_params(model, True), "total": count_params(model, False), "resized": resized}
-    return wrap_lora(model, args, resized)
+    model, report = wrap_lora(model, args, resized)
+    # nn.Dropout draws one number per element, ~12% of a tiny-default step on a CPU; GapDropout draws only
+    # the dropped positions, same distribution (roleplay/dropout.py). CUDA's fused dropout is kept.
+    report["lora_dropout_kernel"] = "gap" if device.type == "cpu" and use_gap_dropout(model) else "torch"
+    return model, report
 
 
 def ensure_pad_token(tokenizer: Any, model: Any) -> bool:
@@ -648,6 +654,7 @@ def build_run_config(args: argparse.Namespace, report: dict, ds_config: dict, wo
         "skipped_samples": train_ds.skipped,
         "trainable_params": report["trainable"],
         "lora_target_modules": report.get("targets"),
+        "lora_dropout_kernel": report.get("lora_dropout_kernel"),
         "resized_embeddings": report.get("resized", False),
         "deepspeed_config": ds_config,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},

@@ -357,9 +357,11 @@ class Attention(nn.Module):
         cache: Cache | None = None,
         packed: PackedRows | None = None,
         slopes: torch.Tensor | None = None,
+        keep: torch.Tensor | slice | None = None,
     ) -> torch.Tensor:
         """Attention output [b, t, H]; appends this layer's (rotated) keys and values to the cache.
-        With `packed` (and ALiBi `slopes`), attention stays inside each packed sample."""
+        With `packed` (and ALiBi `slopes`), attention stays inside each packed sample. With `keep`
+        (positions), the output projection runs on those positions only: [b, len(keep), H]."""
         bsz, q_len, _ = hidden_states.shape
         proj = self.W_pack(hidden_states)
         # Three contiguous H-sized blocks: rows 0..H-1 are q, H..2H-1 are k, 2H..3H-1 are v.
@@ -388,6 +390,8 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias)
         out = out.transpose(1, 2).reshape(bsz, q_len, self.hidden_size)
+        if keep is not None:
+            out = out[:, keep]
         return self.o_proj(out)
 
 
@@ -415,10 +419,13 @@ class DecoderLayer(GradientCheckpointingLayer):
         use_cache: bool = False,
         packed: PackedRows | None = None,
         slopes: torch.Tensor | None = None,
+        keep: torch.Tensor | slice | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """The layer output, same shape as `hidden_states`."""
-        residual = hidden_states
+        """The layer output, same shape as `hidden_states`; with `keep` (positions), only those positions'
+        outputs ([b, len(keep), H]): every position's keys and values are still computed and cached, so
+        the kept positions attend exactly as before, but the output projection, residual and MLP skip the rest."""
+        residual = hidden_states if keep is None else hidden_states[:, keep]
         hidden_states = self.self_attn(
             self.input_layernorm(hidden_states),
             attention_bias=attention_bias,
@@ -426,6 +433,7 @@ class DecoderLayer(GradientCheckpointingLayer):
             cache=cache,
             packed=packed,
             slopes=slopes,
+            keep=keep,
         )
         hidden_states = residual + hidden_states
         residual = hidden_states
@@ -573,6 +581,7 @@ class BaichuanModel(BaichuanPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         past_key_values: Cache | LegacyCache | None = None,
+        keep: torch.Tensor | slice | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast | tuple:
         """Run the decoder stack.
@@ -584,6 +593,9 @@ class BaichuanModel(BaichuanPreTrainedModel):
         its last t entries. Without `attention_mask` and cache, `position_ids` that restart inside a row
         mark packed samples (`PackedRows`): each attends only to itself, at its own positions.
         `output_attentions` is accepted but attentions are never returned (SDPA does not expose them).
+        `keep` (sequence positions, a slice or an index tensor shared by the rows): `last_hidden_state` holds
+        only those positions ([b, len(keep), H]), and the last layer computes only them past its attention
+        (the output head's callers need no other; ignored with `output_hidden_states`).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
@@ -639,7 +651,10 @@ class BaichuanModel(BaichuanPreTrainedModel):
 
         hidden_states = inputs_embeds
         all_hidden_states: tuple[torch.Tensor, ...] | None = () if output_hidden_states else None
-        for layer in self.layers:
+        if all_hidden_states is not None:
+            keep = None
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
             if all_hidden_states is not None:
                 all_hidden_states += (hidden_states,)
             hidden_states = layer(
@@ -650,7 +665,10 @@ class BaichuanModel(BaichuanPreTrainedModel):
                 use_cache=use_cache,
                 packed=packed,
                 slopes=slopes if packed is not None else None,
+                keep=keep if i == last else None,
             )
+        if keep is not None and not self.layers:
+            hidden_states = hidden_states[:, keep]
         hidden_states = self.norm(hidden_states)
         if all_hidden_states is not None:
             all_hidden_states += (hidden_states,)
@@ -728,9 +746,16 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
 
         loss = mean cross-entropy of shifted logits/labels (ignore_index -100)
                + z_loss_weight * mean over all shifted positions of max_logit**2.
-        `logits_to_keep` (used by `generate`) keeps only the last n positions' logits (0 = all).
+        `logits_to_keep` (used by `generate`) keeps only the last n positions' logits (0 = all), or, as
+        an index tensor (train.py's packed batches), the positions listed; the last decoder layer then
+        computes only those positions past its attention (`BaichuanModel.forward`'s `keep`).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        keep = None
+        if labels is None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            keep = slice(-logits_to_keep, None)
+        elif labels is None and isinstance(logits_to_keep, torch.Tensor):
+            keep = logits_to_keep
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -742,12 +767,11 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            keep=keep,
         )
         hidden_states = outputs.last_hidden_state
-        if labels is None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:, :]
-        elif labels is None and isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep, :]
+        if keep is not None and outputs.hidden_states is not None:  # the stack computed every position
+            hidden_states = hidden_states[:, keep]
         logits = self.lm_head(hidden_states)
 
         loss = None

@@ -171,6 +171,38 @@ def test_incremental_decoding_matches_full_forward(position_embedding: str) -> N
 
 
 @pytest.mark.parametrize("position_embedding", ["rope", "alibi"])
+def test_logits_to_keep_equals_the_full_forward_rows(position_embedding: str) -> None:
+    """`logits_to_keep` (an int, or an index tensor as train.py passes) prunes the last layer past its
+    attention: the kept rows, their gradients and the cache must equal the full forward's."""
+    # float64 (the fp32 row-subset matmuls round differently); train mode: the NormHead normalises on the fly
+    model = random_model(position_embedding).double().train()
+    ids, mask = left_pad([random_ids(1, 10, seed=5)[0], random_ids(1, 7, seed=6)[0]])
+    keep = torch.tensor([2, 5, 6, 9])
+    full = model(ids, attention_mask=mask).logits
+    full[:, keep].square().sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    kept = model(ids, attention_mask=mask, logits_to_keep=keep).logits
+    assert kept.shape == (2, len(keep), full.shape[-1])
+    assert (kept - full[:, keep]).abs().max().item() < ATOL
+    kept.square().sum().backward()
+    for name, ref in ref_grads.items():
+        assert (model.get_parameter(name).grad - ref).abs().max().item() < ATOL, name
+    pruned = f"model.layers.{model.config.num_hidden_layers - 1}.mlp.down_proj.weight"
+    assert ref_grads[pruned].abs().max() > 1e-3  # the pruned layer is trained
+    with torch.no_grad():
+        whole = model(ids, attention_mask=mask, use_cache=True)
+        last = model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        assert (last.logits - whole.logits[:, -1:]).abs().max().item() < ATOL
+        for a, b in zip(getattr(last, CACHE_NAME).layers, getattr(whole, CACHE_NAME).layers, strict=True):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        # with every layer's hidden states asked for, nothing is pruned and the kept logits still match
+        out = model(ids, attention_mask=mask, logits_to_keep=keep, output_hidden_states=True)
+        assert out.hidden_states[-1].shape[1] == ids.shape[1]
+        assert (out.logits - full[:, keep]).abs().max().item() < ATOL
+
+
+@pytest.mark.parametrize("position_embedding", ["rope", "alibi"])
 def test_left_padded_batch_equals_each_sequence_alone(position_embedding: str) -> None:
     model = random_model(position_embedding)
     seqs = [random_ids(1, 9, seed=2)[0], random_ids(1, 4, seed=3)[0], random_ids(1, 6, seed=4)[0]]
