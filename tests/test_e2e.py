@@ -101,6 +101,7 @@ def test_train_sh_runs_the_real_recipe_on_a_real_model_folder(tmp_path: Path, ti
               "learning_rate": 1e-4, "weight_decay": 0.1, "num_train_epochs": 1, "gradient_checkpointing": True,
               "lora_dim": 16, "lora_alpha": 64, "lora_dropout": 0.1}
     assert {k: config[k] for k in recipe} == recipe
+    assert config["lora_dropout_kernel"] == "gap"  # a CPU run draws LoRA dropout through roleplay/dropout.py
     assert config["total_steps"] == 2  # 16 records / (2 × 4)
     assert (run_dir / "merged" / "config.json").is_file()
     for which in ("base", "finetuned"):
