@@ -8,7 +8,9 @@ Launch it through `train.sh` (which holds the recipe's hyperparameters), or dire
 
 By default (`--packing`, train.sh's PACKING=1) each micro-batch's samples are laid end to end in one
 row (roleplay/packing.py): no padding, attention confined to each sample, the same samples per step and
-the same loss; the output head runs only where a label is. The loss is logged per record kind
+the same loss; the output head, and the last layer past its attention (Baichuan), run only where a label
+is. On CPU, PEFT's LoRA dropout is replaced by roleplay/dropout.py's GapDropout (same distribution, a
+fraction of the random draws). The loss is logged per record kind
 (utils.LOSS_GROUPS: attribute facts, role replies) to TensorBoard and the loss plot, train and eval.
 
 Each checkpoint `output_dir/epoch-{e}-step-{s}/` holds the adapter (or the full model), the

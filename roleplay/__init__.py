@@ -13,6 +13,7 @@ the system prompt, the one prompt builder, the dataset and the collator):
 - `roleplay.dialogue`: multi-turn conversations composed for training and evaluation, generated round by
   round, and scored (fact accuracy and out-of-character rate by round, consistency, reply quality);
 - `roleplay.packing`: packed micro-batches (`train.py --packing`) and the loss per record kind;
+- `roleplay.dropout`: `GapDropout`, LoRA dropout that draws only the dropped positions (train.py on CPU);
 - `roleplay.adapters`: one base with one LoRA adapter per role, the per-model adapter switch, mixed batches;
 - `roleplay.api`: the OpenAI-compatible API (request checks, schema, SSE, bounded queue) web_demo.py mounts;
 - `roleplay.versions`: the start-up warning when an installed package is outside requirements.txt.

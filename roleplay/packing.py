@@ -93,7 +93,9 @@ def batch_loss(model: Any, batch: dict[str, Any], n_groups: int) -> tuple[Any, A
 
     A packed batch (`seq_ids`) asks the model for the logits at the target positions only
     (`logits_to_keep` as an index tensor, which Baichuan and the transformers models take): the output
-    head and the softmax over the vocabulary then run on ~1/3 of the positions on the default data.
+    head and the softmax over the vocabulary then run on ~1/3 of the positions on the default data, and
+    Baichuan's last layer computes its output projection and MLP only there (every position's keys and
+    values are still computed, so the kept positions attend as before).
     A model whose loss adds a z-loss (Baichuan's `z_loss_weight`) keeps its own loss for the backward pass.
     """
     import torch
