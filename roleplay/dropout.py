@@ -17,31 +17,34 @@ Example:
     >>> from roleplay.dropout import GapDropout
     >>> _ = torch.manual_seed(0)
     >>> y = GapDropout(0.1)(torch.ones(10_000))
-    >>> sorted(set(y.tolist())) == [0.0, 1 / 0.9], abs(float((y == 0).float().mean()) - 0.1) < 0.01
+    >>> kept = y[y != 0]  # scaled by 1/(1-p); about p of the elements are zeroed
+    >>> bool((kept - 1 / 0.9).abs().max() < 1e-6), abs(float((y == 0).float().mean()) - 0.1) < 0.01
     (True, True)
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
-
-import torch
-from torch import nn
 
 MAX_GAP_P = 0.2  # above this rate a Bernoulli mask is the cheaper draw (measured: geometric ~4x a Bernoulli)
 
 
-def geometric_gaps(count: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """`count` i.i.d. Geometric(p) draws on {1, 2, ...} (float64), by inversion of 53-bit uniforms:
+def geometric_gaps(count: int, p: float, device: Any = "cpu") -> Any:
+    """`count` i.i.d. Geometric(p) draws on {1, 2, ...} (a float64 tensor), by inversion of 53-bit uniforms:
     ceil(log(1-u) / log(1-p)). Same law as `Tensor.geometric_`, which is ~1.7x slower here (u = 0 would
     give 0, probability 2**-53, and is clamped to 1)."""
+    import torch
+
     u = torch.rand(count, dtype=torch.float64, device=device)
     return u.neg_().log1p_().div_(math.log1p(-p)).ceil_().clamp_min_(1)
 
 
-def dropped_positions(n: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+def dropped_positions(n: int, p: float, device: Any = "cpu") -> Any:
     """Sorted indices in [0, n) of an i.i.d. Bernoulli(p) draw over n slots (int64), from geometric gaps."""
+    import torch
+
     mean = n * p
     chunk = int(mean + 6 * math.sqrt(mean) + 16)  # enough gaps to pass n almost always in one draw
     ends = geometric_gaps(chunk, p, device).cumsum_(0)  # float64: exact integers far beyond any tensor size
@@ -53,41 +56,60 @@ def dropped_positions(n: int, p: float, device: torch.device | str = "cpu") -> t
     return ends[ends <= n].long() - 1  # the k-th success of the process is at slot (sum of the first k gaps) - 1
 
 
-class _GapDropoutFn(torch.autograd.Function):
-    """y = x / (1-p) with the drawn positions zeroed; the backward applies the same positions and scale."""
+@functools.cache
+def _gap_dropout_class() -> type:
+    """GapDropout, built on first use: importing this module must not import torch (tests/test_imports.py)."""
+    import torch
+    from torch import nn
 
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:
-        scale = 1.0 / (1.0 - p)
-        drop = dropped_positions(x.numel(), p, x.device)
-        out = (x * scale).contiguous()  # positions index the row-major order, as in the backward
-        out.view(-1).index_fill_(0, drop, 0)
-        ctx.save_for_backward(drop)
-        ctx.scale = scale
-        return out
+    class GapDropoutFn(torch.autograd.Function):
+        """y = x / (1-p) with the drawn positions zeroed; the backward applies the same positions and scale."""
 
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (drop,) = ctx.saved_tensors
-        out = (grad * ctx.scale).contiguous()
-        out.view(-1).index_fill_(0, drop, 0)
-        return out, None
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:
+            scale = 1.0 / (1.0 - p)
+            drop = dropped_positions(x.numel(), p, x.device)
+            out = (x * scale).contiguous()  # positions index the row-major order, as in the backward
+            out.view(-1).index_fill_(0, drop, 0)
+            ctx.save_for_backward(drop)
+            ctx.scale = scale
+            return out
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+            (drop,) = ctx.saved_tensors
+            out = (grad * ctx.scale).contiguous()
+            out.view(-1).index_fill_(0, drop, 0)
+            return out, None
+
+    class GapDropout(nn.Dropout):
+        """nn.Dropout(p) drawn through geometric gaps (see the module docstring); identity in eval mode."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.training or self.p == 0:
+                return x
+            if self.p > MAX_GAP_P or self.inplace:
+                return super().forward(x)
+            return GapDropoutFn.apply(x, self.p)
+
+    GapDropout.__qualname__ = GapDropout.__name__
+    GapDropout.__module__ = __name__
+    return GapDropout
 
 
-class GapDropout(nn.Dropout):
-    """nn.Dropout(p) drawn through geometric gaps (see the module docstring); identity in eval mode."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        if self.p > MAX_GAP_P or self.inplace:
-            return super().forward(x)
-        return _GapDropoutFn.apply(x, self.p)
+def __getattr__(name: str) -> Any:
+    """`roleplay.dropout.GapDropout`, the nn.Dropout subclass (created lazily, see `_gap_dropout_class`)."""
+    if name == "GapDropout":
+        return _gap_dropout_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def use_gap_dropout(model: nn.Module) -> int:
+def use_gap_dropout(model: Any) -> int:
     """Replace every nn.Dropout in the model's LoRA layers (PEFT's `lora_dropout` dicts) by a GapDropout
     of the same rate, in place; returns how many were replaced."""
+    from torch import nn
+
+    gap = _gap_dropout_class()
     replaced = 0
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
@@ -95,6 +117,6 @@ def use_gap_dropout(model: nn.Module) -> int:
             continue
         for name, layer in list(dropouts.items()):
             if type(layer) is nn.Dropout:
-                dropouts[name] = GapDropout(layer.p)
+                dropouts[name] = gap(layer.p)
                 replaced += 1
     return replaced
