@@ -151,3 +151,46 @@ def test_gpu_dry_run_prints_the_7b_plan(tmp_path: Path) -> None:
     assert 3.5 * 2**30 < plan["memory_total"] < 15e9
     assert "memory estimate" in proc.stdout and "GiB" in proc.stdout
     assert plan["tokens_per_step"] == 2 * 512 * 4  # the seed's recipe: batch 2 x 512, grad accum 4
+
+
+def fake_steps(tok_s: float, n: int = 3) -> list[dict]:
+    """`n` one-second steps at `tok_s` non-padding tokens/s, no padding."""
+    return [{"step": i, "seconds": 1.0, "tokens": tok_s, "positions": tok_s, "data": 0.0, "forward": 0.5,
+             "backward": 0.4, "optimizer": 0.1, "other": 0.0} for i in range(1, n + 1)]
+
+
+def test_compare_peers_interleaves_the_repeats_and_compares_the_fastest(tmp_path: Path, monkeypatch) -> None:
+    """With --train_repeats 2: ours, the peers, ours, the configured peers (the random-batch reference and a
+    peer that does not run are not repeated); each side's fastest run makes the ratio, not its first."""
+    s = bench_run.Settings(model="m", train_path="t", recipe="tiny", work=tmp_path, steps=2, warmup=1,
+                           variants=("qlora",), train_repeats=2)
+    bench = bench_run.Bench(s, skip=set())
+    child = bench_run.Child("x", 0, 1.0, 1.0, 0, 0.0)
+    order: list[str] = []
+    speeds = {"ours": [100.0, 140.0], "trainer-random_qlora": [20.0], "trainer-grouped_qlora": [110.0, 90.0]}
+
+    def train_py(variant: str, repeat: int = 0):
+        order.append(f"ours{repeat + 1}")
+        return {"steps": fake_steps(speeds["ours"][repeat]), "run_config": {}}, child, ["train.py"]
+
+    def worker(task: str, *extra: str, variant: str = "qlora", name: str = ""):
+        order.append(name)
+        if task == "trl":
+            return {"unsupported": "no NormHead"}, child
+        key, _, repeat = name.partition("_qlora")
+        tok_s = speeds[f"{key}_qlora"][int(repeat.lstrip("_") or 1) - 1]
+        return {"steps": fake_steps(tok_s), "optimizer": "adamw", "precision": "fp32", "samples": 100,
+                "samples_per_step": 2, "epoch_padding": {"ours": 0.1, "random_longest": 0.5}}, child
+
+    monkeypatch.setattr(bench, "train_py", train_py)
+    monkeypatch.setattr(bench, "worker", worker)
+    bench.compare_peers("qlora")
+    assert order == ["ours1", "trainer-random_qlora", "trainer-grouped_qlora", "trl_qlora",
+                     "ours2", "trainer-grouped_qlora_2"]
+    rows = {r.metric: r for r in bench.rows}
+    best = next(r for m, r in rows.items() if "(best-configured peer)" in m)
+    assert (best.value, best.reference, best.ratio) == ("140", "110", f"{140 / 110:.2f}x")
+    spread = next(r for m, r in rows.items() if "of each run" in m)
+    assert spread.value == "train.py 100 / 140" and "110 / 90" in spread.reference
+    assert sum("does not run" in r.value for r in bench.rows) == 1
+    assert bench.runs["qlora"][0]["steps"][0]["tokens"] == 140  # the other sections read the fastest run
