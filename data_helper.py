@@ -387,6 +387,7 @@ class Options:
     attribute_dialogues: int = 0
     eval_dialogues: int = 0
     output_dir: str = str(Path(utils.TRAIN_PATH).parent)
+    keep_custom: bool = False  # train.sh's call: keep files built from other inputs or flags
     skip_bad: bool = False
 
 
@@ -705,7 +706,43 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     p.add_argument("--output_dir", default=str(Path(utils.TRAIN_PATH).parent),
                    help="where train.json and test.json go; default %(default)s")
     p.add_argument("--skip_bad", action="store_true", help="count and report bad records instead of failing")
+    p.add_argument("--keep_custom", action="store_true",
+                   help=f"rebuild from the shipped data, unless --output_dir's files were last built with other inputs "
+                        f"or flags ({BUILD_RECORD} there says so): then keep them (how train.sh calls it)")
     return Options(**vars(p.parse_args(argv)))
+
+
+BUILD_RECORD = ".data_helper_build.json"  # beside train.json: the options of the build that wrote it
+NOT_INPUTS = {"output_dir", "keep_custom", "skip_bad"}  # options that do not change what is built
+
+
+def build_options(opts: Options) -> dict[str, Any]:
+    """The options that decide the files' content, and whether they are all the defaults (the shipped data)."""
+    chosen = {k: v for k, v in vars(opts).items() if k not in NOT_INPUTS}
+    return {"options": chosen, "shipped": chosen == cli_defaults()}
+
+
+def cli_defaults() -> dict[str, Any]:
+    """The command line's defaults (`python data_helper.py` with no flags: the shipped data)."""
+    return {k: v for k, v in vars(parse_args([])).items() if k not in NOT_INPUTS}
+
+
+def custom_build(output_dir: str | Path) -> dict[str, Any] | None:
+    """The build record of `output_dir` when its files were built from other inputs or flags, else None
+    (no record, an unreadable one, or a shipped-data build)."""
+    try:
+        record = json.loads((Path(output_dir) / BUILD_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("shipped") is False else None
+
+
+def write_build_record(output_dir: str | Path, opts: Options) -> None:
+    """Record the build's options beside the files (atomically: a temporary file renamed into place)."""
+    path = Path(output_dir) / BUILD_RECORD
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_text(json.dumps(build_options(opts), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    os.replace(temp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -714,9 +751,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help or a usage error: argparse has printed why
         return int(e.code or 0)
     start = time.perf_counter()
+    custom = custom_build(opts.output_dir) if opts.keep_custom else None
+    files = [Path(opts.output_dir) / Path(name).name for name in (utils.TRAIN_PATH, utils.TEST_PATH)]
+    if custom is not None and all(f.is_file() for f in files):
+        defaults = cli_defaults()
+        changed = {k: v for k, v in custom["options"].items() if defaults.get(k) != v}
+        print(f"data_helper: {opts.output_dir}/ holds a build of your own ({json.dumps(changed, ensure_ascii=False)}), "
+              "kept; run `python data_helper.py` to go back to the shipped data")
+        return 0
     try:
         train, test, report = build(opts)
         paths = write_outputs(opts.output_dir, train, test)
+        write_build_record(opts.output_dir, opts)
     except utils.UserError as e:  # bad data (DataError) or an output that cannot be written
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -124,8 +124,9 @@ if [ "$PRINT" = 1 ]; then  # one line per train.py run, shell-quoted: what the t
   exit 0
 fi
 
-# The default data files are rebuilt every run (0.3 s, deterministic): they follow the shipped data.
-if [ "$TRAIN_PATH" = data/train.json ] && [ "$TEST_PATH" = data/test.json ]; then python data_helper.py; fi
+# The default data files are rebuilt every run (0.3 s, deterministic): they follow the shipped data, unless
+# you built them yourself with other inputs or flags (`python data_helper.py --data_dir ...`): those are kept.
+if [ "$TRAIN_PATH" = data/train.json ] && [ "$TEST_PATH" = data/test.json ]; then python data_helper.py --keep_custom; fi
 
 has_stage() { case ",$STAGES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 newest_checkpoint() {  # highest step among complete checkpoints of folder $1 (they appear only when complete)

@@ -818,3 +818,26 @@ def test_synth_rolebench_has_the_published_proportions_and_type_forms(tmp_path):
     assert any(q != q.strip() for q in questions) and any("\n" in q for q in questions)
     train, test, _ = run_fixture(tmp_path / "run", tmp_path)
     assert {r["type"] for r in train + test if r["source"] == "rolebench_role_specific"} == {"script_based"}
+
+
+def test_keep_custom_keeps_a_build_of_your_own_and_follows_the_shipped_data_otherwise(tmp_path, capsys):
+    """train.sh calls `data_helper.py --keep_custom`: files built with other flags survive it; files built
+    from the shipped data (or with no build record) are rebuilt."""
+    out = str(tmp_path)
+    train = tmp_path / "train.json"
+    assert data_helper.main(["--output_dir", out, "--templates_per_fact", "3"]) == 0
+    custom = train.read_bytes()
+    assert data_helper.main(["--output_dir", out, "--keep_custom"]) == 0
+    assert train.read_bytes() == custom  # kept
+    said = capsys.readouterr().out
+    assert "kept" in said and '"templates_per_fact": 3' in said and "python data_helper.py" in said
+    assert data_helper.main(["--output_dir", out]) == 0  # back to the shipped data
+    shipped = train.read_bytes()
+    assert shipped != custom
+    (tmp_path / "train.json").write_text("stale\n", encoding="utf-8")
+    assert data_helper.main(["--output_dir", out, "--keep_custom"]) == 0
+    assert train.read_bytes() == shipped  # a shipped build is rebuilt every time
+    (tmp_path / data_helper.BUILD_RECORD).unlink()
+    train.write_text("stale\n", encoding="utf-8")
+    assert data_helper.main(["--output_dir", out, "--keep_custom"]) == 0
+    assert train.read_bytes() == shipped  # no record: rebuilt
