@@ -485,10 +485,15 @@ def _dedupe(records: list[dict], report: Report) -> list[dict]:
     return out
 
 
+def output_paths(output_dir: str | Path) -> tuple[Path, Path]:
+    """train.json and test.json in `output_dir`."""
+    return Path(output_dir) / Path(utils.TRAIN_PATH).name, Path(output_dir) / Path(utils.TEST_PATH).name
+
+
 def write_outputs(output_dir: str | Path, train: list[dict], test: list[dict]) -> tuple[Path, Path]:
     """Write both files, or neither: both are encoded and staged under temporary names first, then
     renamed into place; when a rename fails, the files already replaced get their old content back."""
-    paths = (Path(output_dir) / Path(utils.TRAIN_PATH).name, Path(output_dir) / Path(utils.TEST_PATH).name)
+    paths = output_paths(output_dir)
     payloads = [_encode(records, path) for records, path in zip((train, test), paths, strict=True)]
     utils.make_parent_dir(paths[0])
     with tempfile.TemporaryDirectory(prefix=".data_helper.tmp-", dir=paths[0].parent) as tmp:
@@ -737,14 +742,6 @@ def custom_build(output_dir: str | Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and record.get("shipped") is False else None
 
 
-def write_build_record(output_dir: str | Path, opts: Options) -> None:
-    """Record the build's options beside the files (atomically: a temporary file renamed into place)."""
-    path = Path(output_dir) / BUILD_RECORD
-    temp = path.with_name(path.name + ".tmp")
-    temp.write_text(json.dumps(build_options(opts), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    os.replace(temp, path)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         opts = parse_args(argv)
@@ -752,8 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     start = time.perf_counter()
     custom = custom_build(opts.output_dir) if opts.keep_custom else None
-    files = [Path(opts.output_dir) / Path(name).name for name in (utils.TRAIN_PATH, utils.TEST_PATH)]
-    if custom is not None and all(f.is_file() for f in files):
+    if custom is not None and all(f.is_file() for f in output_paths(opts.output_dir)):
         defaults = cli_defaults()
         changed = {k: v for k, v in custom["options"].items() if defaults.get(k) != v}
         print(f"data_helper: {opts.output_dir}/ holds a build of your own ({json.dumps(changed, ensure_ascii=False)}), "
@@ -762,7 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         train, test, report = build(opts)
         paths = write_outputs(opts.output_dir, train, test)
-        write_build_record(opts.output_dir, opts)
+        utils.write_json(Path(opts.output_dir) / BUILD_RECORD, build_options(opts))
     except utils.UserError as e:  # bad data (DataError) or an output that cannot be written
         print(f"error: {e}", file=sys.stderr)
         return 2
