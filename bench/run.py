@@ -474,8 +474,10 @@ def train_details(prof: dict, ours: dict, alt: dict, peer: dict, ratio: float, t
     """The 'where the time goes' table and the decomposition of the speed ratio."""
     cfg = prof["run_config"]
     ds = cfg.get("deepspeed_config", {})
-    engine = (f"DeepSpeed ZeRO-{ds.get('zero_optimization', {}).get('stage', '?')} "
-              f"{ds.get('optimizer', {}).get('type', '?')}, {cfg.get('precision', '?')}")
+    stage = ds.get("zero_optimization", {}).get("stage", "?")
+    # train.py's single_rank_zero: a ZeRO-2 config runs as stage 0 on one fp32 rank (its run_config says so)
+    stage = f"{stage} (the config's ZeRO-2 on one fp32 rank)" if cfg.get("deepspeed_config_note") else stage
+    engine = f"DeepSpeed ZeRO-{stage} {ds.get('optimizer', {}).get('type', '?')}, {cfg.get('precision', '?')}"
     lines = [f"### Training{': ' + title if title else ''}: where the time goes (mean per optimizer step, warm-up "
              "excluded)", "",
              "| run | data | forward | backward | optimizer / engine step | other | step | padded positions/s "

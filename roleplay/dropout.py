@@ -53,7 +53,9 @@ def dropped_positions(n: int, p: float, device: Any = "cpu") -> Any:
         ends = geometric_gaps(chunk, p, device).cumsum_(0) + ends[-1]
         parts.append(ends)
     ends = torch.cat(parts) if len(parts) > 1 else ends
-    return ends[ends <= n].long() - 1  # the k-th success of the process is at slot (sum of the first k gaps) - 1
+    # ends rise strictly (gaps >= 1): a slice up to the count of ends <= n, not a boolean mask (~4x slower)
+    kept = int(torch.searchsorted(ends, torch.tensor([float(n)], dtype=ends.dtype, device=ends.device), right=True))
+    return ends[:kept].long() - 1  # the k-th success of the process is at slot (sum of the first k gaps) - 1
 
 
 @functools.cache

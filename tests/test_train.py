@@ -117,6 +117,29 @@ def test_build_ds_config_leaves_no_auto_in_repo_config():
     assert cfg["zero_optimization"]["stage"] == 2
 
 
+def test_one_fp32_rank_runs_zero_as_stage_0_and_everything_else_as_written(tmp_path):
+    """ZeRO 1-2 has nothing to partition on one fp32 rank: stage 0. Several ranks, bf16, an offload, or a
+    resume from a checkpoint in ZeRO's partitioned layout keep the config exactly as written."""
+    args = train.parse_args(["--ds_file", str(REPO / "ds_zero2_no_offload.json")])
+    fp32 = train.build_ds_config(args, world_size=1, total_steps=10, bf16=False)
+    ran, note = train.single_rank_zero(fp32, 1, None)
+    assert ran["zero_optimization"] == {"stage": 0} and "stage 2 runs as stage 0" in note
+    assert {k: v for k, v in ran.items() if k != "zero_optimization"} == \
+        {k: v for k, v in fp32.items() if k != "zero_optimization"}
+    assert fp32["zero_optimization"]["stage"] == 2  # the caller's dict is not changed
+    bf16 = train.build_ds_config(args, world_size=1, total_steps=10, bf16=True)
+    offload = json.loads(json.dumps(fp32))
+    offload["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    for ds, world in ((fp32, 2), (bf16, 1), (offload, 1)):
+        assert train.single_rank_zero(ds, world, None) == (ds, None)
+    partitioned = tmp_path / "epoch-1-step-4"
+    (partitioned / "ds_state" / "state").mkdir(parents=True)
+    (partitioned / "ds_state" / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    assert train.single_rank_zero(fp32, 1, partitioned) == (fp32, None)
+    (partitioned / "ds_state" / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    assert train.single_rank_zero(fp32, 1, partitioned)[0]["zero_optimization"] == {"stage": 0}
+
+
 def test_list_checkpoints_ignores_temp_and_incomplete_folders(tmp_path):
     for name in ["epoch-1-step-4", "epoch-2-step-10", ".tmp-epoch-2-step-12", "epoch-2-step-11", "runs"]:
         (tmp_path / name).mkdir()
@@ -132,7 +155,8 @@ def test_list_checkpoints_ignores_temp_and_incomplete_folders(tmp_path):
 # ---------------------------------------------------------------------------------------------
 def test_two_process_zero2_matches_one_process_grad_accum(work):
     """Same global batch (1 x 2 x accum 2 vs 2 x 2 x accum 1), fp32, no dropout: same loss curve and
-    the same adapter. The sampler gives rank r at accumulation step a the micro-batch a*world+r."""
+    the same adapter. The sampler gives rank r at accumulation step a the micro-batch a*world+r. The one
+    fp32 process runs ZeRO as stage 0 (`single_rank_zero`), the two run stage 2: the same training."""
     runs = {}
     for nproc, accum in [(1, 2), (2, 1)]:
         cwd = work["root"] / f"dp{nproc}-cwd"
@@ -145,6 +169,7 @@ def test_two_process_zero2_matches_one_process_grad_accum(work):
         cfg = json.loads((runs[nproc] / utils.RUN_CONFIG_NAME).read_text(encoding="utf-8"))
         assert cfg["world_size"] == nproc and cfg["global_batch_size"] == 4 and cfg["precision"] == "fp32"
         assert cfg["deepspeed_config"]["gradient_accumulation_steps"] == accum
+        assert cfg["deepspeed_config"]["zero_optimization"]["stage"] == (0 if nproc == 1 else 2)
         if nproc == 2:
             assert "world size 2" in proc.stdout or cfg["world_size"] == 2
     one, two = train_history(runs[1]), train_history(runs[2])
