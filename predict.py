@@ -31,6 +31,9 @@ Batch (one reply per test record, greedy by default, then metrics):
     round by round with the model's own replies as history; fact accuracy by depth (a fact asked at
     round k after k-1 other rounds), out-of-character rate by depth, consistency (one fact asked twice);
   - generated tokens per second.
+The headline rates (overall fact accuracy, out-of-character, leak and degenerate shares, accuracy by
+depth, consistency) are printed with their counts and a 95% Wilson score interval: 25 of 32
+conversations is 61–89%, 15 of 105 replies 9–22%, so two runs a few points apart do not differ.
 Record prompts are built exactly as training built them: system = record["instruction"] (kept
 even when empty, as train.py keeps it), user = record["input"], through utils.build_prompt_ids.
 With --adapter ROLE=PATH each record (and conversation) runs with the adapter of its `role` (roles
@@ -348,6 +351,25 @@ def compute_metrics(records: Sequence[dict], predictions: Sequence[str], roles: 
     return metrics
 
 
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """The Wilson score interval of a rate of `hits` in `n` (z = 1.96: 95%); None for n = 0. Unlike the
+    normal approximation it stays inside [0, 1] and is not empty at 0 or n hits, which matters here:
+    most rates are near 0% or 100% and n is small."""
+    if n <= 0:
+        return None
+    p, z2 = hits / n, z * z
+    center = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * ((p * (1 - p) / n + z2 / (4 * n * n)) ** 0.5) / (1 + z2 / n)
+    # at 0 or n hits a bound is exactly 0 or 1; the closed form only gets there within rounding
+    return (0.0 if hits == 0 else center - half), (1.0 if hits == n else center + half)
+
+
+def counted(hits: int, n: int) -> str:
+    """'(hits/n, 95% CI lo–hi%)' for a printed rate."""
+    ci = wilson_interval(hits, n)
+    return f"({hits}/{n})" if ci is None else f"({hits}/{n}, 95% CI {ci[0]:.1%}–{ci[1]:.1%})"
+
+
 def format_metrics(m: dict[str, Any]) -> str:
     def num(x: float | None, fmt: str = ".4f") -> str:
         return "n/a" if x is None else format(x, fmt)
@@ -358,21 +380,21 @@ def format_metrics(m: dict[str, Any]) -> str:
     lines += [f"  {k}: {num(v['mean'])} (n={v['n']})" for k, v in r["per_role"].items()]
     a = m["attribute_accuracy"]
     lines.append(f"attribute exact-fact accuracy: overall {num(a['overall']['accuracy'], '.2%')} "
-                 f"({a['overall']['correct']}/{a['overall']['n']})")
+                 f"{counted(a['overall']['correct'], a['overall']['n'])}")
     for group in ("per_template_set", "per_attribute"):
         lines += [f"  {group[4:]} {k}: {num(v['accuracy'], '.2%')} ({v['correct']}/{v['n']})"
                   for k, v in a[group].items()]
     o = m["out_of_character"]
-    lines.append(f"out-of-character rate (RoleBench): {num(o['rate'], '.2%')} ({o['flagged']}/{o['n']})")
+    lines.append(f"out-of-character rate (RoleBench): {num(o['rate'], '.2%')} {counted(o['flagged'], o['n'])}")
     lines += [f"  e.g. [{e['role']}] {e['reason']}" for e in o["examples"][:3]]
     leak = m.get("fact_answer_leak")
     if leak and leak["rate"] is not None:
         lines.append(f"fact-answer leak rate (RoleBench replies that answer an attribute question nobody asked): "
-                     f"{num(leak['rate'], '.2%')} ({leak['flagged']}/{leak['n']})")
+                     f"{num(leak['rate'], '.2%')} {counted(leak['flagged'], leak['n'])}")
         lines += [f"  e.g. [{e['role']}] {e['reason']}: {e['prediction'][:40]!r}" for e in leak["examples"][:3]]
     q = m.get("role_reply_quality")
     if q and q["n"]:
-        lines.append(f"role replies: degenerate {num(q['degenerate_rate'], '.2%')} ({q['degenerate']}/{q['n']}), "
+        lines.append(f"role replies: degenerate {num(q['degenerate_rate'], '.2%')} {counted(q['degenerate'], q['n'])}, "
                      f"distinct-2 {num(q['distinct_2'])}, mean length {num(q['mean_chars'], '.1f')} characters")
     lines += _multi_turn_lines(m.get("multi_turn"), num)
     if "generation" in m:
@@ -386,12 +408,12 @@ def _multi_turn_lines(mt: dict[str, Any] | None, num: Any) -> list[str]:
     if not mt:
         return []
     lines = [f"multi-turn ({mt['conversations']} conversations, the model's own replies as history):"]
-    lines += [f"  fact accuracy at round {k}: {num(v['accuracy'], '.2%')} ({v['correct']}/{v['n']})"
+    lines += [f"  fact accuracy at round {k}: {num(v['accuracy'], '.2%')} {counted(v['correct'], v['n'])}"
               for k, v in mt["fact_accuracy_by_depth"].items()]
     lines += [f"  out-of-character rate at round {k}: {num(v['rate'], '.2%')} ({v['hits']}/{v['n']})"
               for k, v in mt["out_of_character_by_depth"].items()]
     c = mt["consistency"]
-    lines.append(f"  consistency (one fact asked twice): {num(c['rate'], '.2%')} ({c['hits']}/{c['n']})")
+    lines.append(f"  consistency (one fact asked twice): {num(c['rate'], '.2%')} {counted(c['hits'], c['n'])}")
     q = mt["role_reply_quality"]
     if q["n"]:
         lines.append(f"  role replies: degenerate {num(q['degenerate_rate'], '.2%')}, distinct-2 "

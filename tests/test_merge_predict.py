@@ -434,6 +434,30 @@ def test_fact_answer_leak_rate() -> None:
     assert [e["reason"] for e in leak["examples"]] == ["answer phrase '的身份是'", "names '钟离'"]
     # no attribute records: nothing to leak, no figure
     assert predict.compute_metrics(records[2:], preds[2:], ["孙悟空"])["fact_answer_leak"]["rate"] is None
+    # the printed line carries the count and its 95% interval
+    text = predict.format_metrics(predict.compute_metrics(records, preds, ["孙悟空"]))
+    lo, hi = predict.wilson_interval(2, 4)
+    assert f"50.00% (2/4, 95% CI {lo:.1%}–{hi:.1%})" in text
+
+
+@pytest.mark.parametrize("n", [1, 4, 32, 105, 1712])
+def test_wilson_interval_solves_the_score_test(n: int) -> None:
+    """Each bound inside (0, 1) is a rate p0 at which the score statistic |k/n - p0| / sqrt(p0(1-p0)/n)
+    equals z (the interval's definition, checked here without its closed form); a bound at 0 or 1 comes
+    only with 0 or n hits; the interval holds k/n, mirrors under k -> n-k, and narrows as n grows."""
+    z = 1.96
+    for k in sorted({0, 1, n // 3, n // 2, n - 1, n} & set(range(n + 1))):
+        lo, hi = predict.wilson_interval(k, n, z)
+        assert 0.0 <= lo <= k / n <= hi <= 1.0
+        for bound in (lo, hi):
+            if 0.0 < bound < 1.0:
+                assert abs(k / n - bound) == pytest.approx(z * (bound * (1 - bound) / n) ** 0.5, rel=1e-9)
+        assert (lo == 0.0) == (k == 0) and (hi == 1.0) == (k == n)
+        mlo, mhi = predict.wilson_interval(n - k, n, z)
+        assert (mlo, mhi) == (pytest.approx(1 - hi), pytest.approx(1 - lo))
+        wlo, whi = predict.wilson_interval(4 * k, 4 * n, z)
+        assert whi - wlo < hi - lo
+    assert predict.wilson_interval(0, 0) is None
 
 
 # ---------------------------------------------------------------------------------------------
