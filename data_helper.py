@@ -63,7 +63,7 @@ from utils import TEMPLATES_PATH, DataError
 # Multi-turn role conversations per role. On the default data every role reply is then in two to four of
 # them (at 80: one or two). On 300 dev questions that alone cut the tiny default's fact-answer leak of role
 # replies from 13.7-21.7% to 8.0-11.0% (two seeds), and with train.sh's head lr of 5e-4 to 5.3-9.7% (three
-# seeds); at 240 the role replies over-fit and the leak rose again (README, "Results").
+# seeds); at 240 the role replies over-fit and the leak rose again (one seed; README, "Results").
 DIALOGUES_PER_ROLE = 160
 ATTRIBUTE_DIALOGUES = 600  # multi-turn attribute conversations
 EVAL_DIALOGUES = 32  # multi-turn test conversations per depth
