@@ -125,14 +125,18 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def load_model(args: argparse.Namespace, device: Any, compute_dtype: Any, tokenizer: Any) -> tuple[Any, dict]:
-    """Base model for the chosen mode, wrapped with LoRA where asked; returns (model, report)."""
+def load_model(args: argparse.Namespace, device: Any, compute_dtype: Any, tokenizer: Any,
+               attn_implementation: str | None = None) -> tuple[Any, dict]:
+    """Base model for the chosen mode, wrapped with LoRA where asked; returns (model, report).
+    `attn_implementation` ("sdpa", "eager"; None: the model's default) is for bench/workers.py's peers."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from roleplay.dropout import use_gap_dropout
 
     kwargs: dict[str, Any] = {"device_map": {"": device}}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if args.train_mode == "qlora":
         kwargs["quantization_config"] = loading.nf4_config(compute_dtype)
         kwargs["dtype"] = compute_dtype

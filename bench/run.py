@@ -5,7 +5,8 @@ Sections (--skip any of them):
 - train: non-padding tokens/s and computed positions/s of train.py, launched as train.sh launches it
   (packed: train.sh's PACKING=1), against its peers configured as their users would, on the same model,
   samples, batch, limits and LoRA settings (bench/workers.py): HF Trainer + PEFT with
-  train_sampling_strategy="group_by_length", TRL SFTTrainer with padding_free=True (or why it does not
+  train_sampling_strategy="group_by_length" (with the model's SDPA attention, and with
+  attn_implementation="eager"), TRL SFTTrainer with padding_free=True (or why it does not
   run), and the default random-batch Trainer kept as a labelled reference; in both shapes of the job:
   the recipe (tiny: LoRA + embeddings/head in full) and LoRA only (the 7B recipe's shape). Padding
   shares; where each step's time goes (train.py --profile's profile.json: data, forward, backward,
@@ -88,10 +89,13 @@ PHASES = ("data", "forward", "backward", "optimizer", "other")
 # the peers, as their users configure them (bench/workers.py tasks); the random-batch Trainer is the reference
 PEERS: dict[str, list[str]] = {"trainer-random": ["trainer", "--sampling", "random"],
                                "trainer-grouped": ["trainer", "--sampling", "group_by_length"],
+                               "trainer-grouped-eager": ["trainer", "--sampling", "group_by_length", "--attn", "eager"],
                                "trl": ["trl"]}
 PEER_LABELS = {"trainer-random": "HF Trainer, random batches (reference: the default, not how a speed-minded user "
                                  "configures it)",
                "trainer-grouped": "HF Trainer, train_sampling_strategy=group_by_length",
+               "trainer-grouped-eager": "HF Trainer, train_sampling_strategy=group_by_length, "
+                                        "attn_implementation=eager",
                "trl": "TRL SFTTrainer, padding_free=True"}
 
 

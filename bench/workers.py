@@ -9,9 +9,11 @@ Subcommands:
   in full (train.load_model), padded by `DataCollatorForSeq2Seq` to the longest of each batch, for
   --max_steps optimizer steps. `--sampling group_by_length` is how a speed-minded user configures it
   (`TrainingArguments(train_sampling_strategy="group_by_length")`: batches of similar length);
-  `--sampling random` is the default (kept as the reference row). Per step: non-padding tokens, padded
-  positions, seconds, and where the time went (collation, forward, backward, optimizer); plus the
-  padding share of a whole epoch for both batchings.
+  `--sampling random` is the default (kept as the reference row). `--attn eager` loads the model with
+  `attn_implementation="eager"` (matmul + softmax instead of SDPA: in bf16 on a CPU, SDPA's flash kernel
+  is the slower of the two for short and mid-length batches, so a speed-minded user may pick it). Per
+  step: non-padding tokens, padded positions, seconds, and where the time went (collation, forward,
+  backward, optimizer); plus the padding share of a whole epoch for both batchings.
 - `trl`: TRL's `SFTTrainer` on the same model, samples (input_ids + our labels, so the same tokens
   count), batch, limits and optimizer settings, in its padding-free mode (`SFTConfig(padding_free=True)`:
   each batch's samples flattened into one row with restarting position_ids, no padding), which is what
@@ -58,8 +60,10 @@ def now() -> float:
     return time.perf_counter()
 
 
-def load_training_setup(targs: argparse.Namespace, device: Any, bf16: bool) -> tuple[Any, Any, Any, dict]:
-    """(tokenizer, dataset, model, report) exactly as train.py builds them."""
+def load_training_setup(targs: argparse.Namespace, device: Any, bf16: bool,
+                        attn_implementation: str | None = None) -> tuple[Any, Any, Any, dict]:
+    """(tokenizer, dataset, model, report) exactly as train.py builds them (a peer may ask for another
+    attention implementation: `from_pretrained(attn_implementation=...)`)."""
     import torch
     from transformers import GenerationConfig
 
@@ -72,7 +76,8 @@ def load_training_setup(targs: argparse.Namespace, device: Any, bf16: bool) -> t
     gen_config = train.load_generation_config(targs.model_name_or_path, GenerationConfig)
     dataset = utils.Baichuan2PromptDataSet(targs.train_path, tokenizer, targs.max_len, targs.max_src_len,
                                            targs.is_skip, gen_config)
-    model, report = train.load_model(targs, device, torch.bfloat16 if bf16 else torch.float32, tokenizer)
+    model, report = train.load_model(targs, device, torch.bfloat16 if bf16 else torch.float32, tokenizer,
+                                     attn_implementation)
     return tokenizer, dataset, model, report
 
 
@@ -203,7 +208,7 @@ def run_trainer(a: argparse.Namespace) -> dict:
 
     device = resolve_device(a.train.device, 0)
     bf16 = bf16_supported(device)
-    tokenizer, dataset, model, _ = load_training_setup(a.train, device, bf16)
+    tokenizer, dataset, model, _ = load_training_setup(a.train, device, bf16, a.attn)
     clock = PhaseClock()
     collator = clock.collate(DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100))
     args = TrainingArguments(**common_training_arguments(a, device, bf16), train_sampling_strategy=a.sampling)
@@ -211,7 +216,7 @@ def run_trainer(a: argparse.Namespace) -> dict:
     trainer = trainer_cls(model=model, args=args, train_dataset=PlainSamples(dataset), data_collator=collator,
                           callbacks=[step_ends])
     trainer.train()
-    return peer_result(clock, args, dataset, a, device, bf16, f"HF Trainer, {a.sampling} batches")
+    return peer_result(clock, args, dataset, a, device, bf16, f"HF Trainer, {a.sampling} batches, {a.attn} attention")
 
 
 class PlainSamples:
@@ -413,6 +418,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", default="", help="trainer, trl: scratch folder (Trainer output_dir)")
     p.add_argument("--sampling", choices=["random", "group_by_length"], default="random",
                    help="trainer: the Trainer's train_sampling_strategy")
+    p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa",
+                   help="trainer: the model's attention implementation (from_pretrained(attn_implementation=...))")
     p.add_argument("--new_tokens", type=int, default=32, help="generation: tokens per reply")
     p.add_argument("--repeats", type=int, default=3, help="generation: timed repeats (median)")
     a = p.parse_args(argv[:cut])

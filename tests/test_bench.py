@@ -94,7 +94,8 @@ def test_quick_run_writes_every_section(tmp_path: Path, tiny_model_dir: Path) ->
     report = out.read_text(encoding="utf-8")
     assert "FAILED" not in report
     for needle in ("## Results", "| train | recipe: non-padding tokens/s, train.py vs HF Trainer, random batches",
-                   "train_sampling_strategy=group_by_length (best-configured peer)", "TRL SFTTrainer",
+                   "train_sampling_strategy=group_by_length", "attn_implementation=eager",
+                   "(best-configured peer)", "TRL SFTTrainer",
                    "| train | padding share of a whole epoch", "| train | dense matmul peak of this CPU",
                    "| train | train.py model-FLOP utilisation",
                    "| memory | resident weights, decoder linear layers only", "| memory | peak RSS",
@@ -161,13 +162,15 @@ def fake_steps(tok_s: float, n: int = 3) -> list[dict]:
 
 def test_compare_peers_interleaves_the_repeats_and_compares_the_fastest(tmp_path: Path, monkeypatch) -> None:
     """With --train_repeats 2: ours, the peers, ours, the configured peers (the random-batch reference and a
-    peer that does not run are not repeated); each side's fastest run makes the ratio, not its first."""
+    peer that does not run are not repeated); each side's fastest run makes the ratio, not its first, and
+    the best-configured peer is the fastest of the configured ones."""
     s = bench_run.Settings(model="m", train_path="t", recipe="tiny", work=tmp_path, steps=2, warmup=1,
                            variants=("qlora",), train_repeats=2)
     bench = bench_run.Bench(s, skip=set())
     child = bench_run.Child("x", 0, 1.0, 1.0, 0, 0.0)
     order: list[str] = []
-    speeds = {"ours": [100.0, 140.0], "trainer-random_qlora": [20.0], "trainer-grouped_qlora": [110.0, 90.0]}
+    speeds = {"ours": [100.0, 140.0], "trainer-random_qlora": [20.0], "trainer-grouped_qlora": [110.0, 90.0],
+              "trainer-grouped-eager_qlora": [80.0, 120.0]}
 
     def train_py(variant: str, repeat: int = 0):
         order.append(f"ours{repeat + 1}")
@@ -185,12 +188,13 @@ def test_compare_peers_interleaves_the_repeats_and_compares_the_fastest(tmp_path
     monkeypatch.setattr(bench, "train_py", train_py)
     monkeypatch.setattr(bench, "worker", worker)
     bench.compare_peers("qlora")
-    assert order == ["ours1", "trainer-random_qlora", "trainer-grouped_qlora", "trl_qlora",
-                     "ours2", "trainer-grouped_qlora_2"]
+    assert order == ["ours1", "trainer-random_qlora", "trainer-grouped_qlora", "trainer-grouped-eager_qlora",
+                     "trl_qlora", "ours2", "trainer-grouped_qlora_2", "trainer-grouped-eager_qlora_2"]
     rows = {r.metric: r for r in bench.rows}
     best = next(r for m, r in rows.items() if "(best-configured peer)" in m)
-    assert (best.value, best.reference, best.ratio) == ("140", "110", f"{140 / 110:.2f}x")
+    assert (best.value, best.reference, best.ratio) == ("140", "120", f"{140 / 120:.2f}x")  # the faster peer
+    assert "attn_implementation=eager (best-configured peer)" in next(m for m in rows if "(best-configured" in m)
     spread = next(r for m, r in rows.items() if "of each run" in m)
-    assert spread.value == "train.py 100 / 140" and "110 / 90" in spread.reference
+    assert spread.value == "train.py 100 / 140" and "110 / 90" in spread.reference and "80 / 120" in spread.reference
     assert sum("does not run" in r.value for r in bench.rows) == 1
     assert bench.runs["qlora"][0]["steps"][0]["tokens"] == 140  # the other sections read the fastest run

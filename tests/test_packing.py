@@ -3,8 +3,10 @@
 In-process, fp32, tiny models: a packed row and the padded batch of the same samples give the same
 per-token losses and the same LoRA gradients (1e-5) for Baichuan with RoPE (7B) and with ALiBi
 (13B), and for Qwen2 through the Auto classes (transformers 5 reads packed samples from the
-restarting position_ids); the packed labels are the unpacked ones. Then one short real run: a packed
-train.py run killed after its first checkpoint and resumed ends where an uninterrupted packed run ends.
+restarting position_ids); the packed labels are the unpacked ones. Baichuan's bf16 CPU path (samples
+bucketed by length) equals per-sample attention in float64 and the padded batch in bf16. Then one short
+real run: a packed train.py run killed after its first checkpoint and resumed ends where an
+uninterrupted packed run ends.
 """
 
 from __future__ import annotations
@@ -146,6 +148,77 @@ def test_baichuan_several_packed_rows_use_the_block_diagonal_mask(single_thread_
                     alone = model(input_ids=torch.tensor([sample["input_ids"]])).logits[0]
                     torch.testing.assert_close(both[r, start:start + n], alone, rtol=0, atol=TOL)
                     start += n
+
+
+def per_sample_reference(q, k, v, lengths, slopes):
+    """Each sample's own causal (+ ALiBi) attention, one SDPA call per sample: what packing must equal."""
+    from baichuan.modeling_baichuan import build_attention_bias
+
+    parts = []
+    for qs, ks, vs in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2), strict=True):
+        n = qs.shape[2]
+        bias = build_attention_bias(None, 1, n, 0, q.dtype, q.device, slopes)
+        parts.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=bias))
+    return torch.cat(parts, 2)
+
+
+@pytest.mark.parametrize("position_embedding", ["rope", "alibi"])
+def test_bucketed_attention_equals_per_sample_attention(position_embedding, single_thread_torch):
+    """The bf16 CPU path (samples grouped into right-padded buckets), run in float64 so that any mix-up of
+    samples, padding or heads shows far above rounding: outputs and q/k/v gradients match per-sample SDPA."""
+    from baichuan.modeling_baichuan import PackedRows, alibi_slopes, bucketed_attention, length_buckets
+
+    lengths = [1, 19, 3, 15, 17, 120, 16, 2, 64, 18]  # singletons, near-equal short ones, long ones
+    assert any(len(b) > 1 for b in length_buckets(lengths)) and len(length_buckets(lengths)) > 1
+    nh, hd = 4, 8
+    slopes = alibi_slopes(nh).double() if position_embedding == "alibi" else None
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, nh, sum(lengths), hd, generator=g, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    packed = PackedRows(torch.cat([torch.arange(n) for n in lengths])[None])
+    got = bucketed_attention(q, k, v, packed, slopes)
+    want = per_sample_reference(q, k, v, lengths, slopes)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    grad = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_length_buckets_is_the_cheapest_grouping():
+    """Against brute force over every split of the sorted lengths; every sample in exactly one bucket."""
+    import itertools
+
+    from baichuan.modeling_baichuan import length_buckets
+
+    def cost(buckets, lengths, call):
+        return sum(call + len(b) * max(lengths[i] for i in b) ** 2 for b in buckets)
+
+    g = torch.Generator().manual_seed(1)
+    for trial in range(20):
+        lengths = torch.randint(1, 400, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+        call = (0, 128 * 128, 10**9)[trial % 3]
+        got = length_buckets(lengths, call)
+        assert sorted(i for b in got for i in b) == list(range(len(lengths)))
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        best = min(cost([order[a:b] for a, b in itertools.pairwise((0, *cuts, len(order)))], lengths, call)
+                   for r in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), r))
+        assert cost(got, lengths, call) == best
+
+
+def test_baichuan_packed_equals_unpacked_in_bf16(single_thread_torch):
+    """In bf16 on a CPU the packed row takes the bucketed path: its token losses match the padded batch's
+    (SDPA) within bf16 rounding, and a wrong bucket or gather would be far off."""
+    model = random_model("rope").to(torch.bfloat16)
+    batch = samples(tiny_models.TINY_VOCAB_SIZE)
+    padded = utils.DataCollator(0, pad_to_multiple_of=1, meta=True)(batch)
+    packed = packing.PackingCollator()(batch)
+    with torch.no_grad():
+        expected = per_token_unpacked(model, padded)
+        keep = packing.label_positions(packed["labels"])
+        logits = model(**packing.model_inputs(packed)).logits[0, keep]
+        got = torch.nn.functional.cross_entropy(logits.float(), packed["labels"][0, keep + 1], reduction="none")
+    assert (got - expected).abs().mean() < 0.02 and (got - expected).abs().max() < 0.1
+    assert expected.std() > 0.5  # the losses differ enough between tokens for a mix-up to show
 
 
 def test_qwen2_auto_classes_packed_equals_unpacked(tmp_path, single_thread_torch):
