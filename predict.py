@@ -205,13 +205,20 @@ def fact_answer_phrases(records: Iterable[dict]) -> tuple[set[str], set[str]]:
 
 def leaks_fact_answer(reply: str, role: str, phrases: set[str], names: set[str]) -> str | None:
     """Why a role reply looks like a stray attribute answer, or None: it uses an answer phrase, or
-    names an attribute character other than the role."""
+    names an attribute character other than the role. A one-character name counts only as a word of
+    its own (jieba): 琴 is also the violin of "拉琴" and "小提琴", which 爱因斯坦 plays."""
     for phrase in sorted(phrases):
         if phrase in reply:
             return f"answer phrase {phrase!r}"
+    words: set[str] | None = None
     for name in sorted(names, key=len, reverse=True):
-        if name not in role and role not in name and name in reply:
-            return f"names {name!r}"
+        if name in role or role in name or name not in reply:
+            continue
+        if len(name) == 1:
+            words = set(segment(reply)) if words is None else words
+            if name.lower() not in words:
+                continue
+        return f"names {name!r}"
     return None
 
 

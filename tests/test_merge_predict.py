@@ -416,6 +416,16 @@ def test_compute_metrics_hand_values() -> None:
     assert m["generation"]["tokens_per_s"] == 15.0
 
 
+def test_a_one_character_name_leaks_only_as_a_word_of_its_own() -> None:
+    """琴 is a character and also the violin: "拉小提琴" and "拉琴" name nobody, "琴一起" does."""
+    names = {"琴", "钟离"}
+    assert predict.leaks_fact_answer("我在那里，它就大地拉琴。", "爱因斯坦", set(), names) is None
+    assert predict.leaks_fact_answer("我每天拉小提琴。", "爱因斯坦", set(), names) is None
+    assert predict.leaks_fact_answer("我和琴一起去蒙德。", "爱因斯坦", set(), names) == "names '琴'"
+    assert predict.leaks_fact_answer("我和钟离一起喝茶。", "爱因斯坦", set(), names) == "names '钟离'"
+    assert predict.leaks_fact_answer("琴", "琴", set(), names) is None  # the role's own name
+
+
 def test_fact_answer_leak_rate() -> None:
     """Role replies that reuse the attribute answers' wording or name an attribute character count as
     leaks; the answer phrases come from the test file's own attribute records."""
