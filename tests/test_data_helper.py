@@ -700,14 +700,15 @@ def test_profiles_of_data_dir_win_over_the_repo_default(tmp_path, folder, profil
 def test_shipped_gender_phrasings_often_ask_by_the_word_alone():
     """Gender train phrasings that name the answers (是男是女) taught the tiny default to read 男/女 as the
     cue, so questions asking by 性别 alone were answered with the identity (README, What 2424846 changed)."""
-    pool = json.loads((REPO / "data" / "attribute_templates.json").read_text(encoding="utf-8"))["性别"]["train"]
+    pool = json.loads((REPO / utils.TEMPLATES_PATH).read_text(encoding="utf-8"))["性别"]["train"]
     by_word = [t for t in pool if "性别" in t and not any(c in t for c in "男女")]
     assert len(by_word) >= len(pool) // 4, f"{len(by_word)} of {len(pool)} gender phrasings ask by 性别 alone"
 
 
 def test_shipped_follow_ups_give_each_attribute_ten_train_phrasings():
-    follow_ups = json.loads((REPO / "data" / "dialogue_templates.json").read_text(encoding="utf-8"))["follow_ups"]
-    assert {a: len(e["train"]) >= 10 for a, e in follow_ups.items()} == dict.fromkeys(follow_ups, True)
+    follow_ups = json.loads((REPO / utils.DIALOGUE_TEMPLATES_PATH).read_text(encoding="utf-8"))["follow_ups"]
+    short = {a: len(e["train"]) for a, e in follow_ups.items() if len(e["train"]) < 10}
+    assert follow_ups and not short, f"attributes with fewer than 10 train follow-ups: {short}"
 
 
 def test_published_profiles_hold_the_five_published_roles():
