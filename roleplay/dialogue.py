@@ -8,7 +8,8 @@ from test records, generated round by round, and scored.
   the common `messages` form.
 - `compose_eval_conversations`: the multi-turn test set: a fact asked at round k (1-5) after k-1 other
   fact rounds (sometimes as a follow-up), the same fact asked twice in one conversation (consistency),
-  and role conversations of 1-5 rounds (out-of-character rate by depth). Only test phrasings are used.
+  and role conversations of 1-5 rounds (out-of-character rate by depth). Only test phrasings are used
+  (train ones for tools/dialogue_dev.py's dev set).
 - `run_conversations`: predict.py generates every conversation round by round with the model's own
   earlier replies as the history, batching the same round of many conversations.
 - `dialogue_metrics`, `reply_quality`: fact accuracy and out-of-character rate by depth, consistency;
@@ -180,11 +181,12 @@ def _attribute_rounds(by_character: dict[str, list[dict]], facts: dict[str, dict
 # Evaluation conversations
 # ---------------------------------------------------------------------------------------------
 def compose_eval_conversations(test_records: Sequence[dict], templates: dict[str, Any], seed: int,
-                               per_depth: int, role_per_depth: int) -> list[dict]:
-    """The multi-turn test set from the single-turn test records (test phrasings only):
+                               per_depth: int, role_per_depth: int, split: str = "test") -> list[dict]:
+    """The multi-turn test set from the single-turn test records (test follow-ups):
     `per_depth` fact conversations per depth k (the target fact at round k), `per_depth`
     consistency conversations (one fact asked twice), and `role_per_depth` role conversations per
-    RoleBench role and depth."""
+    RoleBench role and depth. `split="train"` takes the train follow-ups instead: a dev set built
+    from training records (tools/dialogue_dev.py)."""
     rng = random.Random(seed)
     attribute_records = [r for r in test_records if r.get("source") == "attribute"]
     out: list[dict] = []
@@ -195,10 +197,10 @@ def compose_eval_conversations(test_records: Sequence[dict], templates: dict[str
             by_character[r["role"]].append(r)
         for depth in EVAL_DEPTHS:
             for _ in range(per_depth):
-                rounds = _attribute_rounds(by_character, facts, templates, depth, "test", rng)
+                rounds = _attribute_rounds(by_character, facts, templates, depth, split, rng)
                 out.append(_eval_record("fact", "", [_fact_turn(q, r) for q, r in rounds], rounds[-1][1]["role"]))
         for _ in range(per_depth):
-            out.append(_consistency_record(by_character, facts, templates, rng))
+            out.append(_consistency_record(by_character, facts, templates, rng, split))
     by_role: dict[str, list[dict]] = defaultdict(list)
     for r in test_records:
         if str(r.get("source", "")).startswith("rolebench"):
@@ -222,7 +224,7 @@ def _eval_record(kind: str, system: str, turns: list[dict], role: str) -> dict:
 
 
 def _consistency_record(by_character: dict[str, list[dict]], facts: dict[str, dict[str, str]],
-                        templates: dict[str, Any], rng: random.Random) -> dict:
+                        templates: dict[str, Any], rng: random.Random, split: str) -> dict:
     """A fact asked by name, one or two other rounds, then the same fact asked again (another
     phrasing, by name)."""
     name = rng.choice(sorted(by_character))
@@ -230,7 +232,7 @@ def _consistency_record(by_character: dict[str, list[dict]], facts: dict[str, di
     again = [r for r in by_character[name] if r["attribute"] == first["attribute"] and r["input"] != first["input"]]
     second = rng.choice(again or [first])
     middle = _attribute_rounds({k: v for k, v in by_character.items() if k != name} or by_character, facts,
-                               templates, rng.randint(1, 2), "test", rng)
+                               templates, rng.randint(1, 2), split, rng)
     turns = [_fact_turn(first["input"], first), *(_fact_turn(q, r) for q, r in middle),
              _fact_turn(second["input"], second)]
     return _eval_record("consistency", "", turns, name)

@@ -26,3 +26,28 @@ def test_dev_set_is_general_questions_per_role_and_training_facts(tmp_path: Path
     assert all(r["instruction"] == utils.role_system_prompt(r["role"], profiles) for r in roles)
     tests = {r["question"] for f in (REPO / "data").glob("*_test.jsonl") for _, r in utils.read_jsonl(f)}
     assert not {r["input"] for r in roles} & tests
+
+
+def test_dialogue_dev_set_uses_training_records_and_train_follow_ups(tmp_path: Path) -> None:
+    from roleplay import dialogue
+    from tools import dialogue_dev
+
+    rows = [{"instruction": "", "input": f"{name}的{attr}？（{i}）", "output": f"{name}的{attr}是{value}。",
+             "role": name, "source": "attribute", "attribute": attr, "fact": value}
+            for name, gender in (("胡桃", "女"), ("钟离", "男")) for i in range(3)
+            for attr, value in (("性别", gender), ("国籍", "璃月"), ("元素力", "岩"))]
+    train = tmp_path / "train.json"
+    train.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    args = dialogue_dev.parse_args(["--train_path", str(train), "--per_depth", "6"])
+    convos = dialogue_dev.dev_conversations(args)
+    assert convos == dialogue_dev.dev_conversations(args)  # seeded
+    assert sorted(c["depth"] for c in convos if c["kind"] == "fact") == [d for d in range(1, 6) for _ in range(6)]
+    assert sum(c["kind"] == "consistency" for c in convos) == 6
+    templates = dialogue.load_dialogue_templates(utils.DIALOGUE_TEMPLATES_PATH)
+    train_follow_ups = {q.replace("{ref}", p) for s in templates["follow_ups"].values() for q in s["train"]
+                        for p in templates["pronouns"].values()}
+    test_follow_ups = {q.replace("{ref}", p) for s in templates["follow_ups"].values() for q in s["test"]
+                       for p in templates["pronouns"].values()}
+    asked = {t["user"] for c in convos for t in c["turns"]}
+    assert asked <= {r["input"] for r in rows} | train_follow_ups
+    assert asked & train_follow_ups and not asked & test_follow_ups

@@ -189,6 +189,14 @@ def test_default_build_has_multi_turn_train_and_test_that_training_reads(tmp_pat
     assert sum(r["source"] == dialogue.ROLE_SOURCE for r in train) > 0
     assert sum(r["source"] == dialogue.ATTRIBUTE_SOURCE for r in train) > 0
     assert {c["kind"] for c in test if c["source"] == dialogue.EVAL_SOURCE} == {"fact", "consistency", "role"}
+    # a depth's accuracy rests on EVAL_DIALOGUES conversations (100: ~3% standard error), roles on 4 per depth
+    from data_helper import EVAL_DIALOGUES, EVAL_ROLE_DIALOGUES
+    convos = [c for c in test if c["source"] == dialogue.EVAL_SOURCE]
+    for depth in dialogue.EVAL_DEPTHS:
+        assert sum(c["kind"] == "fact" and c["depth"] == depth for c in convos) == EVAL_DIALOGUES >= 100
+        roles = {c["role"] for c in convos if c["kind"] == "role"}
+        assert sum(c["kind"] == "role" and c["depth"] == depth for c in convos) == EVAL_ROLE_DIALOGUES * len(roles)
+    assert sum(c["kind"] == "consistency" for c in convos) == EVAL_DIALOGUES
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     ds = utils.Baichuan2PromptDataSet(out / "train.json", tok, 2048, 1024)  # the tiny test tokenizer is verbose
     assert len(ds) == len(train) and ds.skipped == 0
