@@ -44,10 +44,12 @@ def test_dialogue_dev_set_uses_training_records_and_train_follow_ups(tmp_path: P
     assert sorted(c["depth"] for c in convos if c["kind"] == "fact") == [d for d in range(1, 6) for _ in range(6)]
     assert sum(c["kind"] == "consistency" for c in convos) == 6
     templates = dialogue.load_dialogue_templates(utils.DIALOGUE_TEMPLATES_PATH)
-    train_follow_ups = {q.replace("{ref}", p) for s in templates["follow_ups"].values() for q in s["train"]
-                        for p in templates["pronouns"].values()}
-    test_follow_ups = {q.replace("{ref}", p) for s in templates["follow_ups"].values() for q in s["test"]
-                       for p in templates["pronouns"].values()}
+
+    def filled(split: str) -> set[str]:  # every follow-up of `split`, with each pronoun
+        return {q.replace("{ref}", p) for s in templates["follow_ups"].values() for q in s[split]
+                for p in templates["pronouns"].values()}
+
+    train_follow_ups, test_follow_ups = filled("train"), filled("test")
     asked = {t["user"] for c in convos for t in c["turns"]}
     assert asked <= {r["input"] for r in rows} | train_follow_ups
     assert asked & train_follow_ups and not asked & test_follow_ups

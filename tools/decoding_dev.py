@@ -13,9 +13,7 @@ need one.
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +23,7 @@ if str(REPO) not in sys.path:  # run as `python tools/decoding_dev.py`
     sys.path.insert(0, str(REPO))
 
 import utils  # noqa: E402  (after the path setup)
+from tools.harness import predict_metrics  # noqa: E402
 
 QUESTION_FILES = ("data/base/general_chat.jsonl", "data/base/general_knowledge.jsonl")
 ROLES = ("孙悟空", "赵子龙", "爱因斯坦")  # the shipped RoleBench roles
@@ -55,14 +54,6 @@ def dev_records(args: argparse.Namespace) -> list[dict]:
     return out + rng.sample(facts, min(args.facts, len(facts)))
 
 
-def score(model_path: str, dev_path: Path, penalty: str, out_dir: Path) -> dict:
-    preds = out_dir / f"preds_{penalty}.jsonl"
-    subprocess.run([sys.executable, str(REPO / "predict.py"), "--model_path", model_path, "--test_path",
-                    str(dev_path), "--output_path", str(preds), "--frequency_penalty", penalty],
-                   check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-    return json.loads(preds.with_suffix(".metrics.json").read_text(encoding="utf-8"))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="decoding-dev-") as tmp:
@@ -70,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         utils.write_jsonl(dev_path, dev_records(args))
         print("frequency_penalty | degenerate | distinct-2 | mean chars | leak | fact accuracy")
         for penalty in args.penalties.split(","):
-            m = score(args.model_path, dev_path, penalty.strip(), Path(tmp))
+            m = predict_metrics(args.model_path, dev_path, Path(tmp) / f"preds_{penalty.strip()}.jsonl",
+                                "--frequency_penalty", penalty.strip())
             q, leak, facts = m["role_reply_quality"], m["fact_answer_leak"], m["attribute_accuracy"]["overall"]
             print(f"{penalty.strip():>17} | {q['degenerate_rate']:.2%} | {q['distinct_2']:.3f} | "
                   f"{q['mean_chars']:.1f} | {leak['rate']:.2%} | {facts['accuracy']:.2%}", flush=True)

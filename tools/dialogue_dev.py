@@ -14,8 +14,6 @@ phrasings stay in data/test.json.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +24,7 @@ if str(REPO) not in sys.path:  # run as `python tools/dialogue_dev.py`
 
 import utils  # noqa: E402  (after the path setup)
 from roleplay import dialogue  # noqa: E402
+from tools.harness import predict_metrics  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,23 +46,16 @@ def dev_conversations(args: argparse.Namespace) -> list[dict]:
     return dialogue.compose_eval_conversations(records, templates, args.seed, args.per_depth, 0, split="train")
 
 
-def score(model_path: str, dev_path: Path, out_dir: Path) -> dict:
-    preds = out_dir / f"preds_{len(list(out_dir.iterdir()))}.jsonl"
-    subprocess.run([sys.executable, str(REPO / "predict.py"), "--model_path", model_path, "--test_path",
-                    str(dev_path), "--output_path", str(preds)], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-    return json.loads(preds.with_suffix(".metrics.json").read_text(encoding="utf-8"))["multi_turn"]
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="dialogue-dev-") as tmp:
         dev_path = Path(tmp) / "dev.jsonl"
         utils.write_jsonl(dev_path, dev_conversations(args))
         print("model | fact accuracy at depth 1 / 2 / 3 / 4 / 5 | consistency")
-        for model_path in args.model_paths.split(","):
-            m = score(model_path.strip(), dev_path, Path(tmp))
+        for i, model_path in enumerate(p.strip() for p in args.model_paths.split(",")):
+            m = predict_metrics(model_path, dev_path, Path(tmp) / f"preds_{i}.jsonl")["multi_turn"]
             depths = " / ".join(f"{v['accuracy']:.1%}" for v in m["fact_accuracy_by_depth"].values())
-            print(f"{model_path.strip()} | {depths} | {m['consistency']['rate']:.1%}", flush=True)
+            print(f"{model_path} | {depths} | {m['consistency']['rate']:.1%}", flush=True)
     return 0
 
 

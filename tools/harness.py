@@ -1,5 +1,6 @@
-"""Helpers shared by the tests and the benchmarks (never by the pipeline itself): free ports, JSON-lines
-fixtures, the environment for child training processes, waiting for a server.
+"""Helpers shared by the tests, the benchmarks and the dev tools (never by the pipeline itself): free ports,
+JSON-lines fixtures, the environment for child training processes, waiting for a server, scoring a model
+with predict.py.
 
 Example:
     python -c "from tools.harness import free_port; print(free_port())"
@@ -11,6 +12,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -59,3 +61,11 @@ def wait_until_serving(url: str, proc: subprocess.Popen, timeout: float, log_pat
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"the server did not serve {url} within {timeout:.0f} s")
+
+
+def predict_metrics(model_path: str, test_path: Path, preds_path: Path, *flags: str) -> dict:
+    """Score `model_path` on `test_path` with predict.py (extra `flags` passed on); its metrics dict."""
+    subprocess.run([sys.executable, str(REPO / "predict.py"), "--model_path", model_path, "--test_path",
+                    str(test_path), "--output_path", str(preds_path), *flags],
+                   check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    return json.loads(preds_path.with_suffix(".metrics.json").read_text(encoding="utf-8"))
